@@ -1,0 +1,66 @@
+"""Small runtime helpers: seeding, device choice, RNG state capture, atomic file writes."""
+import json
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (all devices) so that a run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name, log=print):
+    """Turn the config's DEVICE into a torch.device; "cuda" without a GPU falls back to the CPU."""
+    name = str(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        log(f"DEVICE is '{name}' but no CUDA device is available: running on the CPU.")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def get_rng_states():
+    """Everything that makes the next random draw what it is, for an exact resume."""
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
