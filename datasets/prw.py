@@ -1,0 +1,170 @@
+"""PRW reader (official release layout, SPEC 3).
+
+Layout under ``root``::
+
+    frames/<name>.jpg                 names like c1s1_000151 (camera = the digit(s) after 'c')
+    annotations/<name>.jpg.mat        N x 5 [id, x, y, w, h] under box_new, anno_file or anno_previous
+    frame_train.mat                   img_index_train: cell array of names without extension
+    frame_test.mat                    img_index_test
+    query_info.txt                    one query a line: pid x y w h name (any line ending)
+
+Ids <= 0 (the release uses -2) are unlabeled people and become 5555. Boxes are converted to
+x1, y1, x2, y2 first and then clipped at 0, so a box that starts outside the frame keeps its
+visible part (x2 = x + w is unchanged); boxes left with no width or height are dropped.
+Coordinates are truncated to integers. Training images without any box are dropped.
+Training pids are not contiguous in the release (1..478, 480..483, 932): the training split maps
+them to contiguous classes (``pid_to_class``), see ``PersonSearchDataset``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List
+
+import numpy as np
+
+from .base import UNLABELED_PID, DatasetError, PersonSearchDataset, require_file
+from .matfile import cached_parse, load_mat, mat_strings
+
+__all__ = ["PRW", "BOX_KEYS", "camera_id", "read_query_info", "read_prw_boxes"]
+
+BOX_KEYS = ("box_new", "anno_file", "anno_previous")
+_CAM_RE = re.compile(r"c(\d+)")
+
+
+def camera_id(name: str) -> int:
+    """Camera id of a PRW frame name (``c3s2_012345`` -> 3)."""
+    match = _CAM_RE.search(os.path.basename(name))
+    if match is None:
+        raise DatasetError(f"PRW image name {name!r} has no camera id (expected 'c<digit>...')")
+    return int(match.group(1))
+
+
+def _with_ext(name: str) -> str:
+    return name if name.lower().endswith(".jpg") else name + ".jpg"
+
+
+def _convert_boxes(xywh: np.ndarray) -> tuple:
+    """float (n, 4) x, y, w, h -> (int32 (n, 4) x1 y1 x2 y2 clipped at 0, keep mask)."""
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    xyxy = np.maximum(xyxy, 0.0).astype(np.int32)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    return xyxy, keep
+
+
+def read_prw_boxes(path: str) -> tuple:
+    """Read one annotation file: ``(boxes int32 (n, 4) xyxy, pids int32 (n,))``."""
+    data = load_mat(path, any_of=BOX_KEYS)
+    key = next(k for k in BOX_KEYS if k in data)
+    arr = data[key]
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub":
+        raise DatasetError(f"{path}: '{key}' expected an N x 5 numeric array [id, x, y, w, h], "
+                           f"got {type(arr).__name__} {getattr(arr, 'dtype', '')}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.int32)
+    if arr.ndim == 1 and arr.size == 5:
+        arr = arr.reshape(1, 5)
+    if arr.ndim != 2 or arr.shape[1] != 5:
+        raise DatasetError(
+            f"{path}: '{key}' expected an N x 5 array [id, x, y, w, h], got shape {arr.shape}"
+        )
+    if not np.isfinite(arr).all():
+        raise DatasetError(f"{path}: '{key}' holds non-finite values")
+    pids = np.rint(arr[:, 0]).astype(np.int64)
+    pids[pids <= 0] = UNLABELED_PID
+    boxes, keep = _convert_boxes(arr[:, 1:])
+    return boxes[keep], pids[keep].astype(np.int32)
+
+
+def read_query_info(path: str) -> List[tuple]:
+    """``[(pid, x, y, w, h, name), ...]`` from query_info.txt (LF or CRLF, int or float)."""
+    require_file(path, "PRW query file")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8-sig", errors="strict")
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 6:
+            raise DatasetError(
+                f"{path}:{lineno}: expected 'pid x y w h name' (6 fields), got {len(fields)}: {line!r}"
+            )
+        try:
+            pid = int(round(float(fields[0])))
+            x, y, w, h = (float(v) for v in fields[1:5])
+        except ValueError as exc:
+            raise DatasetError(f"{path}:{lineno}: expected numbers in 'pid x y w h name': {line!r}") from exc
+        if not np.isfinite([x, y, w, h]).all() or w <= 0 or h <= 0:
+            raise DatasetError(f"{path}:{lineno}: invalid query box {x, y, w, h}")
+        out.append((pid, x, y, w, h, os.path.splitext(fields[5])[0]))
+    return out
+
+
+def _parse_frame_list(var: str):
+    def parse(path: str) -> List[str]:
+        names = mat_strings(load_mat(path, keys=[var])[var], f"{path}: {var}")
+        return [os.path.splitext(n)[0] if n.lower().endswith(".jpg") else n for n in names]
+
+    parse.__qualname__ = f"_parse_frame_list.{var}"
+    return parse
+
+
+class PRW(PersonSearchDataset):
+    """PRW person-search dataset (one split)."""
+
+    name = "PRW"
+
+    def _image_dir(self) -> str:
+        return os.path.join(self.root, "frames")
+
+    def _frames(self, split: str) -> List[str]:
+        fname, var = ("frame_train.mat", "img_index_train") if split == "train" else ("frame_test.mat", "img_index_test")
+        return cached_parse(os.path.join(self.root, fname), _parse_frame_list(var))
+
+    def _load_annotations(self) -> List[Dict]:
+        if self.split == "query":
+            return self._load_queries()
+        annos = []
+        for name in self._frames(self.split):
+            img_name = _with_ext(name)
+            boxes, pids = read_prw_boxes(os.path.join(self.root, "annotations", img_name + ".mat"))
+            if self.split == "train" and len(boxes) == 0:
+                continue
+            annos.append(
+                {
+                    "img_name": img_name,
+                    "img_path": os.path.join(self.img_prefix, img_name),
+                    "boxes": boxes,
+                    "pids": pids,
+                    "cam_id": camera_id(img_name),
+                }
+            )
+        return annos
+
+    def _load_queries(self) -> List[Dict]:
+        path = os.path.join(self.root, "query_info.txt")
+        queries = read_query_info(path)
+        test_names = set(self._frames("gallery"))
+        annos = []
+        for k, (pid, x, y, w, h, name) in enumerate(queries):
+            if name not in test_names:
+                raise DatasetError(
+                    f"{path}: query {k} ({name}) is not in the test set (frame_test.mat)"
+                )
+            boxes, keep = _convert_boxes(np.array([[x, y, w, h]], dtype=np.float64))
+            if not keep.all():
+                raise DatasetError(f"{path}: query {k} ({name}) has an empty box after clipping")
+            img_name = _with_ext(name)
+            annos.append(
+                {
+                    "img_name": img_name,
+                    "img_path": os.path.join(self.img_prefix, img_name),
+                    "boxes": boxes,
+                    "pids": np.array([pid], dtype=np.int32),
+                    "cam_id": camera_id(img_name),
+                }
+            )
+        return annos
