@@ -26,9 +26,11 @@ def resolve_device(name, log=print):
 
 def get_rng_states():
     """Everything that makes the next random draw what it is, for an exact resume."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as a tensor and plain numbers, so checkpoints load with torch.load(weights_only=True)
+        "numpy": (kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -38,7 +40,8 @@ def get_rng_states():
 
 def set_rng_states(states):
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,68 @@
+"""Builds what the commands need from a config: the trained module, the evaluation model.
+
+The distinction between single-model and distillation runs lives here and only here:
+- single model (BASELINE.PROJECT): the trained module is the model itself;
+- distillation (DISTILLER.PROJECT): the trained module is a distiller holding the student, the
+  frozen teacher and DFD's learnable parts; evaluation and the demo use the student alone.
+"""
+import torch
+
+from configs import is_distillation, model_cfg_for_role
+from models import build_model
+from models.checkpoint import CheckpointMismatchError, load_checkpoint_file, load_model_weights
+
+OIM_TABLES = "roi_heads.reid_loss."
+
+
+def eval_role(cfg):
+    return "student" if is_distillation(cfg) else "baseline"
+
+
+def without_imagenet_weights(cfg, role):
+    """A copy of cfg whose `role` backbone does not ask for ImageNet weights.
+
+    A checkpoint will overwrite them anyway, and fetching them would fail offline for nothing.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    model_cfg_for_role(cfg, role).BACKBONE_PRETRAIN = False
+    cfg.freeze()
+    return cfg
+
+
+def load_for_evaluation(model, ckpt, path, log=print):
+    """Load weights strictly; only the OIM tables may be dropped, and only when they do not fit.
+
+    Inference never reads the OIM tables. An original PRW checkpoint has 482-row tables while
+    this project sizes them from the remapped training identities (SPEC 4.1), so such tables are
+    dropped by name, with a notice. Any other missing or unfitting weight is an error.
+    """
+    try:
+        load_model_weights(model, ckpt)
+    except CheckpointMismatchError as err:
+        if not err.only_under(OIM_TABLES):
+            raise CheckpointMismatchError(f"{path}: {err}", err.missing, err.unexpected, err.mismatched) from None
+        dropped = load_model_weights(model, ckpt, drop_prefixes=(OIM_TABLES,))
+        log(f"{path}: the OIM tables do not fit this config ({err}); dropped {len(dropped)} entries "
+            f"({', '.join(sorted(dropped))}): evaluation does not use them.")
+
+
+def build_eval_model(cfg, ckpt_path, device, log=print):
+    """The model that evaluation and the demo run: the single model or the distilled student."""
+    role = eval_role(cfg)
+    model = build_model(without_imagenet_weights(cfg, role), role=role)
+    ckpt = load_checkpoint_file(ckpt_path)
+    load_for_evaluation(model, ckpt, ckpt_path, log=log)
+    model.to(device).eval()
+    return model, {"role": role, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+
+
+def build_train_module(cfg, device, log=print):
+    """(module to train, model to evaluate): the model itself, or the distiller and its student."""
+    if is_distillation(cfg):
+        from models.distill.distiller import build_distiller
+
+        distiller = build_distiller(cfg, log=log).to(device)
+        return distiller, distiller.student
+    model = build_model(cfg, role="baseline").to(device)
+    return model, model

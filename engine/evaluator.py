@@ -1,0 +1,139 @@
+"""Evaluation runner: model -> raw outputs (eval_cache.pth) -> protocols -> metrics.json.
+
+Evaluators are separate from models: this module only knows the model's inference interface
+(`engine.inference`) and the protocol functions (`engine.evaluation`).
+"""
+import io
+import os
+import time
+
+import torch
+
+from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw
+from engine.inference import model_fingerprint, run_inference
+from utils.misc import atomic_write_bytes, atomic_write_json
+
+CACHE_NAME = "eval_cache.pth"
+METRICS_NAME = "metrics.json"
+# Detections enter the detection protocol from this score on (the original's det_thresh 0.01).
+DETECTION_EVAL_THRESH = 0.01
+
+
+class StaleCacheError(RuntimeError):
+    """EVAL_USE_CACHE was asked for but the cache on disk came from another model or setting."""
+
+
+def inference_settings(cfg):
+    """What, besides the weights, decides the raw outputs: a cache must match all of it."""
+    return {
+        "dataset": cfg.INPUT.DATASET,
+        "data_root": os.path.abspath(cfg.INPUT.DATA_ROOT),
+        "min_size": cfg.INPUT.MIN_SIZE,
+        "max_size": cfg.INPUT.MAX_SIZE,
+        "use_gt": bool(cfg.EVAL_USE_GT),
+        "score_thresh_test": cfg.MODEL.ROI_HEAD.SCORE_THRESH_TEST,
+        "nms_thresh_test": cfg.MODEL.ROI_HEAD.NMS_THRESH_TEST,
+        "detections_per_image_test": cfg.MODEL.ROI_HEAD.DETECTIONS_PER_IMAGE_TEST,
+        "rpn_pre_nms_topn_test": cfg.MODEL.RPN.PRE_NMS_TOPN_TEST,
+        "rpn_post_nms_topn_test": cfg.MODEL.RPN.POST_NMS_TOPN_TEST,
+        "rpn_nms_thresh": cfg.MODEL.RPN.NMS_THRESH,
+        "rpn_score_thresh": cfg.MODEL.RPN.SCORE_THRESH,
+    }
+
+
+def load_cache(path, fingerprint, settings):
+    """Load a raw-output cache, refusing one written by another model or with other settings."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EVAL_USE_CACHE is set but there is no cache at {path}")
+    cache = torch.load(path, map_location="cpu", weights_only=False)
+    if cache.get("model_fingerprint") != fingerprint:
+        raise StaleCacheError(
+            f"{path} was written by another model (checkpoint {cache.get('checkpoint')!r}, "
+            f"fingerprint {str(cache.get('model_fingerprint'))[:12]}) than the one being evaluated "
+            f"(fingerprint {fingerprint[:12]}). Delete it or evaluate without EVAL_USE_CACHE."
+        )
+    if cache.get("settings") != settings:
+        diff = {
+            k: (cache.get("settings", {}).get(k), v)
+            for k, v in settings.items()
+            if cache.get("settings", {}).get(k) != v
+        }
+        raise StaleCacheError(f"{path} was written with other settings (cached, now): {diff}")
+    return cache
+
+
+def save_cache(path, raw, fingerprint, settings, checkpoint):
+    payload = dict(raw)
+    payload.update(model_fingerprint=fingerprint, settings=settings, checkpoint=checkpoint)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def compute_metrics(cfg, gallery_dataset, query_dataset, raw):
+    """Run the detection and search protocols of the configured dataset on raw outputs."""
+    det_recall, det_ap = eval_detection(gallery_dataset, raw["gallery_dets"], det_thresh=DETECTION_EVAL_THRESH)
+    common = dict(
+        gallery_dataset=gallery_dataset,
+        query_dataset=query_dataset,
+        gallery_dets=raw["gallery_dets"],
+        gallery_feats=raw["gallery_feats"],
+        query_box_feats=raw["query_box_feats"],
+        query_dets=raw["query_dets"],
+        query_feats=raw["query_feats"],
+        cbgm=bool(cfg.EVAL_USE_CBGM),
+    )
+    if gallery_dataset.name == "CUHK-SYSU":
+        search = eval_search_cuhk(gallery_size=cfg.EVAL_GALLERY_SIZE, **common)
+    else:
+        search = eval_search_prw(ignore_cam_id=not cfg.EVAL_CROSS_CAMERA, **common)
+    accs = [float(a) for a in search["accs"]]
+    return {
+        "det_recall": float(det_recall),
+        "det_ap": float(det_ap),
+        "mAP": float(search["mAP"]),
+        "top1": accs[0],
+        "top5": accs[1],
+        "top10": accs[2],
+    }
+
+
+def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, epoch=None, log=print):
+    """Evaluate `model`, write eval_cache.pth and metrics.json into OUTPUT_DIR, return the metrics."""
+    output_dir = cfg.OUTPUT_DIR
+    os.makedirs(output_dir, exist_ok=True)
+    cache_path = os.path.join(output_dir, CACHE_NAME)
+    fingerprint = model_fingerprint(model)
+    settings = inference_settings(cfg)
+    start = time.time()
+    if cfg.EVAL_USE_CACHE and os.path.isfile(cache_path):
+        raw = load_cache(cache_path, fingerprint, settings)
+        log(f"Using the raw outputs cached in {cache_path}")
+    else:
+        if cfg.EVAL_USE_CACHE:
+            log(f"EVAL_USE_CACHE: no cache at {cache_path} yet, computing it")
+        raw = run_inference(
+            model, gallery_loader, query_loader, device, use_gt=bool(cfg.EVAL_USE_GT), amp=cfg.SOLVER.AMP
+        )
+        save_cache(cache_path, raw, fingerprint, settings, checkpoint)
+    inference_time = time.time() - start
+    metrics = compute_metrics(cfg, gallery_loader.dataset, query_loader.dataset, raw)
+    metrics.update(
+        checkpoint=checkpoint,
+        epoch=epoch,
+        dataset=cfg.INPUT.DATASET,
+        gallery_size=cfg.EVAL_GALLERY_SIZE if cfg.INPUT.DATASET == "CUHK-SYSU" else None,
+        cross_camera=bool(cfg.EVAL_CROSS_CAMERA) if cfg.INPUT.DATASET == "PRW" else None,
+        cbgm=bool(cfg.EVAL_USE_CBGM),
+        use_gt=bool(cfg.EVAL_USE_GT),
+        model_fingerprint=fingerprint,
+        inference_seconds=round(inference_time, 3),
+        num_gallery_images=len(gallery_loader.dataset),
+        num_queries=len(query_loader.dataset),
+    )
+    atomic_write_json(os.path.join(output_dir, METRICS_NAME), metrics)
+    log(
+        "det recall {det_recall:.4f}  det AP {det_ap:.4f}  mAP {mAP:.4f}  "
+        "top-1 {top1:.4f}  top-5 {top5:.4f}  top-10 {top10:.4f}".format(**metrics)
+    )
+    return metrics

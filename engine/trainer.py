@@ -1,0 +1,197 @@
+"""The training loop (SPEC 5): SGD with warm-up and steps, clipping, checkpoints, resume, logs.
+
+The loop knows nothing of person search: it trains any `module` whose forward(images, targets)
+returns a dict of (already weighted) losses; the baseline model and the distiller both are such
+modules. What goes into a checkpoint's "model" entry is the module's `checkpoint_state()` when it
+has one (the distiller's {"student", "fgd"} layout), else its state_dict (SPEC 4.4).
+"""
+import io
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from utils.misc import atomic_write_bytes, get_rng_states, set_rng_states
+
+
+def progress_interval():
+    """Seconds between progress-bar refreshes: live in a terminal, sparse in a log file."""
+    return 0.1 if sys.stderr.isatty() else 30.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite: training stops before the weights are touched."""
+
+
+def model_state(module):
+    module = getattr(module, "module", module)  # unwrap DistributedDataParallel
+    if hasattr(module, "checkpoint_state"):
+        return module.checkpoint_state()
+    return module.state_dict()
+
+
+def save_training_checkpoint(path, module, optimizer, scheduler, epoch, scaler=None, extra=None):
+    """Write everything a resume needs, atomically (a crash leaves the previous file intact)."""
+    payload = {
+        "model": model_state(module),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "rng_states": get_rng_states(),
+    }
+    if scaler is not None:
+        payload["grad_scaler"] = scaler.state_dict()
+    if extra:
+        payload.update(extra)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def restore_training_state(ckpt, optimizer, scheduler, scaler=None):
+    """Restore optimizer, scheduler, scaler and RNG states; return the next epoch to run."""
+    missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in ckpt]
+    if missing:
+        raise KeyError(f"cannot resume: the checkpoint has no {', '.join(missing)} entry")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if scaler is not None and "grad_scaler" in ckpt:
+        scaler.load_state_dict(ckpt["grad_scaler"])
+    if "rng_states" in ckpt:
+        set_rng_states(ckpt["rng_states"])
+    return int(ckpt["epoch"]) + 1
+
+
+def check_finite(losses, epoch, iteration):
+    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
+    if bad:
+        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, iteration {iteration}: {sorted(bad)} "
+            f"(all terms: {terms}). Training stopped; the last checkpoint written is intact."
+        )
+
+
+def _move(images, targets, device):
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+class Trainer:
+    """Runs epochs of `module` on `loader`; evaluation and checkpoints are decided by the config."""
+
+    def __init__(self, cfg, module, loader, optimizer, scheduler, device, evaluate_fn=None,
+                 tb_writer=None, is_main=True, scaler=None, log=print):
+        self.cfg = cfg
+        self.module = module
+        self.loader = loader
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.evaluate_fn = evaluate_fn
+        self.tb = tb_writer
+        self.is_main = is_main
+        self.scaler = scaler
+        self.log = log
+        self.max_iters = cfg.SOLVER.MAX_ITERS_PER_EPOCH
+        self.history = []  # mean losses per epoch, for callers and tests
+
+    def iters_per_epoch(self):
+        n = len(self.loader)
+        return n if self.max_iters <= 0 else min(n, self.max_iters)
+
+    def _params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _autocast(self):
+        amp = self.cfg.SOLVER.AMP
+        if amp in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    def train_epoch(self, epoch):
+        self.module.train()
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        n_iters = self.iters_per_epoch()
+        sums, count = defaultdict(float), 0
+        bar = tqdm(total=n_iters, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True,
+                   mininterval=progress_interval())
+        start = time.time()
+        for i, (images, targets) in enumerate(self.loader):
+            if i >= n_iters:
+                break
+            images, targets = _move(images, targets, self.device)
+            with self._autocast():
+                losses = self.module(images, targets)
+            losses = {k: v.float() for k, v in losses.items()}
+            check_finite(losses, epoch, i)
+            total = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                total.backward()
+            if self.cfg.SOLVER.CLIP_GRADIENTS > 0:
+                torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.SOLVER.CLIP_GRADIENTS)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(total.detach())
+            for k, v in values.items():
+                sums[k] += v
+            count += 1
+            step = epoch * n_iters + i
+            if self.is_main:
+                bar.update(1)
+                if i % max(self.cfg.DISP_PERIOD, 1) == 0 or i == n_iters - 1:
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
+                                    **{k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items() if k != "loss"})
+                if self.tb is not None:
+                    for k, v in values.items():
+                        self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tb.add_scalar("train/lr", lr, step)
+        bar.close()
+        elapsed = time.time() - start
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        if self.is_main:
+            self.log(f"epoch {epoch}: {count} iterations in {elapsed:.1f} s "
+                     f"({elapsed / max(count, 1):.2f} s/it), mean loss {means.get('loss', math.nan):.4f}")
+            if self.tb is not None:
+                self.tb.add_scalar("train/seconds_per_iter", elapsed / max(count, 1), epoch)
+        self.history.append(means)
+        return means
+
+    def fit(self, start_epoch=0):
+        cfg = self.cfg
+        last = cfg.SOLVER.MAX_EPOCHS - 1
+        metrics = None
+        for epoch in range(start_epoch, cfg.SOLVER.MAX_EPOCHS):
+            self.train_epoch(epoch)
+            ckpt_path = None
+            if self.is_main and ((epoch + 1) % cfg.CKPT_PERIOD == 0 or epoch == last):
+                ckpt_path = os.path.join(cfg.OUTPUT_DIR, f"epoch_{epoch}.pth")
+                save_training_checkpoint(ckpt_path, self.module, self.optimizer, self.scheduler, epoch, self.scaler)
+                self.log(f"saved {ckpt_path}")
+            wants_eval = epoch == last or (epoch >= cfg.EVAL_START_EPOCH and (epoch + 1) % cfg.EVAL_PERIOD == 0)
+            if self.evaluate_fn is not None and wants_eval:
+                metrics = self.evaluate_fn(epoch, ckpt_path)
+                if self.is_main and self.tb is not None and metrics:
+                    for k in ("det_recall", "det_ap", "mAP", "top1", "top5", "top10"):
+                        self.tb.add_scalar(f"eval/{k}", metrics[k], epoch)
+        return metrics
