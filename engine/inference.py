@@ -25,6 +25,12 @@ def _to_numpy(t):
     return t.detach().float().cpu().numpy()
 
 
+def _feature_rows(embeddings, n):
+    """n x D float32 embeddings (also when n is 0, where reshape(0, -1) cannot infer D)."""
+    feats = _to_numpy(embeddings)
+    return feats.reshape(n, feats.shape[-1] if feats.ndim == 2 else -1)
+
+
 def _move(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
     if targets is not None:
@@ -65,7 +71,7 @@ def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp
             boxes = _to_numpy(out["boxes"]).reshape(-1, 4)
             scores = _to_numpy(out["scores"]).reshape(-1, 1)
             gallery_dets.append(np.concatenate([boxes, scores], axis=1).astype(np.float32))
-            gallery_feats.append(_to_numpy(out["embeddings"]).reshape(len(boxes), -1))
+            gallery_feats.append(_feature_rows(out["embeddings"], len(boxes)))
 
     query_dets, query_feats, query_box_feats = [], [], []
     for images, targets in tqdm(query_loader, desc="query", disable=not progress, dynamic_ncols=True,
@@ -76,7 +82,7 @@ def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp
         for out in outputs:
             boxes = _to_numpy(out["boxes"]).reshape(-1, 4)
             scores = _to_numpy(out["scores"]).reshape(-1, 1)
-            feats = _to_numpy(out["embeddings"]).reshape(len(boxes), -1)
+            feats = _feature_rows(out["embeddings"], len(boxes))
             query_dets.append(np.concatenate([boxes, scores], axis=1).astype(np.float32))
             query_feats.append(feats)
             query_box_feats.append(feats[:1].copy())

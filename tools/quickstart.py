@@ -5,9 +5,16 @@ Stages (each prints what it does and writes its results under --out):
    the statistics of every split;
 2. protocols: evaluate a training-free baseline (ground-truth boxes + colour-histogram
    embeddings) with the real protocol code, so the data and evaluation path is shown end to end.
-Later stages (training, distillation, demo) are added as the project grows.
+3. teacher: train a ResNet-18 teacher from random weights (configs/synthetic/quickstart/teacher.yaml);
+4. student alone: train a ResNet-18 x0.5 student with the same data, steps and schedule;
+5. student + DDPS: distill the same student from the teacher with DFD, LD and CD;
+6. table: mAP, top-1, detection recall/AP, parameters and time per image of the three models,
+   all evaluated with the real protocol code (CUHK-SYSU layout, gallery 100);
+7. demo: run demo.py with the distilled student.
+A finished training run is not redone (pass --retrain to redo it). Everything lands in --out.
 
 Usage: python tools/quickstart.py [--data data/synthetic] [--out output/quickstart] [--seed 0]
+       [--skip-training]
 """
 import argparse
 import json
@@ -20,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets import build_dataset  # noqa: E402
 from datasets.stats import format_statistics_table  # noqa: E402
 from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw  # noqa: E402
+import demo  # noqa: E402
+import train_ddps  # noqa: E402
 from tools import make_synthetic  # noqa: E402
 from tools.histogram_baseline import raw_outputs  # noqa: E402
 from utils.misc import atomic_write_json  # noqa: E402
@@ -82,17 +91,119 @@ def stage_protocols(splits, out_dir):
     return rows
 
 
+QUICKSTART_CONFIGS = os.path.join("configs", "synthetic", "quickstart")
+RUNS = (
+    ("teacher ResNet-18", "teacher.yaml", "teacher"),
+    ("student ResNet-18 x0.5", "student.yaml", "student"),
+    ("student ResNet-18 x0.5 + DDPS", "ddps.yaml", "ddps"),
+)
+
+
+def _run_args(args, cfg_name, run_dir, teacher_ckpt=None):
+    opts = ["INPUT.DATA_ROOT", os.path.join(args.data, "CUHK-SYSU"), "OUTPUT_DIR", run_dir, "SEED", str(args.seed)]
+    if teacher_ckpt:
+        opts += ["DISTILLER.TEACHER.CKPT", teacher_ckpt]
+    return ["--cfg", os.path.join(QUICKSTART_CONFIGS, cfg_name)] + opts
+
+
+def _last_checkpoint(run_dir, cfg_name):
+    from configs import load_config
+
+    cfg = load_config(os.path.join(QUICKSTART_CONFIGS, cfg_name))
+    return os.path.join(run_dir, f"epoch_{cfg.SOLVER.MAX_EPOCHS - 1}.pth")
+
+
+def stage_training(args):
+    """Train (or reuse) the three models; return {key: (label, run_dir, ckpt, train seconds)}."""
+    results = {}
+    teacher_ckpt = None
+    for step, (label, cfg_name, key) in enumerate(RUNS, start=3):
+        run_dir = os.path.join(args.out, key)
+        ckpt = _last_checkpoint(run_dir, cfg_name)
+        timing_file = os.path.join(run_dir, "train_seconds.json")
+        print(f"\n== {step}. {label} ==")
+        argv = _run_args(args, cfg_name, run_dir, teacher_ckpt if key == "ddps" else None)
+        if os.path.isfile(ckpt) and os.path.isfile(os.path.join(run_dir, "metrics.json")) and not args.retrain:
+            print(f"already trained: {ckpt} (pass --retrain to redo it)")
+        else:
+            print("python train_ddps.py " + " ".join(argv))
+            start = time.time()
+            train_ddps.main(argv)
+            atomic_write_json(timing_file, {"train_seconds": time.time() - start})
+        seconds = json.load(open(timing_file))["train_seconds"] if os.path.isfile(timing_file) else float("nan")
+        results[key] = (label, run_dir, ckpt, seconds, argv)
+        if key == "teacher":
+            teacher_ckpt = ckpt
+    return results
+
+
+def _count_parameters(run_dir):
+    from configs import load_config
+    from engine.build import build_eval_model
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    import torch
+
+    model, _ = build_eval_model(cfg, _last_checkpoint_from_cfg(cfg), torch.device("cpu"), log=lambda *a: None)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _last_checkpoint_from_cfg(cfg):
+    return os.path.join(cfg.OUTPUT_DIR, f"epoch_{cfg.SOLVER.MAX_EPOCHS - 1}.pth")
+
+
+def stage_table(runs, out_dir):
+    print("\n== 6. the three models, evaluated with the real protocols (CUHK-SYSU layout, gallery 100) ==")
+    rows = []
+    for key, (label, run_dir, ckpt, seconds, _) in runs.items():
+        m = json.load(open(os.path.join(run_dir, "metrics.json")))
+        images = m["num_gallery_images"] + m["num_queries"]
+        rows.append({
+            "model": label, "mAP": m["mAP"], "top1": m["top1"], "det_recall": m["det_recall"],
+            "det_ap": m["det_ap"], "parameters": _count_parameters(run_dir),
+            "ms_per_image": 1000.0 * m["inference_seconds"] / max(images, 1),
+            "train_minutes": seconds / 60.0, "checkpoint": ckpt,
+        })
+    header = (f"{'model':<30} {'mAP':>6} {'top-1':>6} {'det rec':>8} {'det AP':>7} "
+              f"{'params (M)':>10} {'ms/image':>9} {'train min':>9}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:<30} {r['mAP']:>6.3f} {r['top1']:>6.3f} {r['det_recall']:>8.3f} "
+                     f"{r['det_ap']:>7.3f} {r['parameters'] / 1e6:>10.2f} {r['ms_per_image']:>9.1f} "
+                     f"{r['train_minutes']:>9.1f}")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_json(os.path.join(out_dir, "table.json"), rows)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+def stage_demo(runs, out_dir):
+    print("\n== 7. demo with the distilled student ==")
+    label, run_dir, ckpt, _, _ = runs["ddps"]
+    return demo.main(["--cfg", os.path.join(run_dir, "config.yaml"), "--ckpt", ckpt,
+                      "--out", os.path.join(out_dir, "demo")])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/synthetic", help="where the synthetic datasets go")
     parser.add_argument("--out", default="output/quickstart", help="where results go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regenerate", action="store_true", help="write the synthetic data anew")
+    parser.add_argument("--retrain", action="store_true", help="train again even if a run finished")
+    parser.add_argument("--skip-training", action="store_true", help="stop after the protocol stage")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    start = time.time()
     splits = stage_data(args)
     stage_protocols(splits, args.out)
-    print(f"\nresults in {args.out}")
+    if not args.skip_training:
+        runs = stage_training(args)
+        stage_table(runs, args.out)
+        stage_demo(runs, args.out)
+    print(f"\nquickstart finished in {(time.time() - start) / 60:.1f} min; results in {args.out}")
 
 
 if __name__ == "__main__":
