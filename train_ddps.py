@@ -8,6 +8,28 @@ student distilled with DDPS.
 The same file and flags as the original release: an original config.yaml + epoch_19.pth pair
 evaluates as it is. Everything lands in OUTPUT_DIR: config.yaml, epoch_{e}.pth, metrics.json,
 eval_cache.pth and TensorBoard scalars.
+
+Several GPUs (or CPU processes): launch the same command with torchrun, for single-model and
+distillation runs alike:
+
+    torchrun --nproc_per_node 4 train_ddps.py --cfg FILE [KEY VALUE ...]
+
+- DEVICE "cuda" gives each process cuda:LOCAL_RANK and the NCCL backend (pick GPUs with
+  CUDA_VISIBLE_DEVICES); DEVICE "cpu", or no GPU, runs CPU processes with the gloo backend.
+- INPUT.BATCH_SIZE_TRAIN is per process: with N processes the global batch is
+  N x BATCH_SIZE_TRAIN images per step. SOLVER.BASE_LR is used as it is, whatever N: it is the LR
+  of the global batch. The published settings (BASE_LR 0.003, BATCH_SIZE_TRAIN 5) are for one GPU,
+  i.e. a global batch of 5; when you change the global batch, scale BASE_LR linearly yourself
+  (e.g. 4 processes x 5 images = 20 images: BASE_LR 0.012). SOLVER.MAX_ITERS_PER_EPOCH counts
+  steps per process. Each process reads its own 1/N of every epoch (DistributedSampler), so an
+  epoch has 1/N of the steps.
+- The OIM tables stay identical on every process: each step's table update uses the foreground
+  features and labels of all processes, gathered in rank order.
+- Process 0 alone writes config.yaml, logs, TensorBoard scalars, checkpoints and evaluates; the
+  others wait for it. Checkpoints hold the unwrapped model (same layout as single-process runs),
+  so --resume and --eval work with any number of processes.
+- SOLVER.AMP bf16 / fp16 trains and evaluates under torch.autocast (fp16 with a GradScaler,
+  whose state is saved in checkpoints); losses and OIM tables stay float32.
 """
 import argparse
 import os
@@ -20,9 +42,11 @@ from datasets.loaders import build_test_loaders, build_train_loader
 from engine.build import build_eval_model, build_train_module
 from models.checkpoint import load_checkpoint_file, load_model_weights
 from engine.evaluator import evaluate
-from engine.schedule import build_lr_scheduler, build_optimizer
+from engine.schedule import align_scheduler, build_lr_scheduler, build_optimizer
 from engine.trainer import Trainer, restore_training_state
-from utils.misc import resolve_device, set_seed
+from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
+                        is_main_process, wrap_ddp)
+from utils.misc import set_seed
 
 
 def parse_args(argv=None):
@@ -54,28 +78,53 @@ def check_table_size(cfg, train_set):
         )
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
+def check_amp(cfg, device, log=print):
+    """Stop early on a precision the device cannot run; note a slow one."""
+    if cfg.SOLVER.AMP == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"SOLVER.AMP bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         "use SOLVER.AMP fp16 (with a GradScaler) or none")
+    if cfg.SOLVER.AMP == "fp16" and device.type != "cuda":
+        log("SOLVER.AMP fp16 on the CPU: it runs, but slower than float32; bf16 is the reduced "
+            "precision that CPUs accelerate.")
+
+
 def run_train(cfg, args, device):
+    distributed = is_distributed()
+    main_proc = is_main_process()
+    log = print if main_proc else _quiet
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    dump_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-    train_loader = build_train_loader(cfg)
+    if main_proc:
+        dump_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    train_loader = build_train_loader(cfg, distributed=distributed)
     check_table_size(cfg, train_loader.dataset)
-    module, eval_model = build_train_module(cfg, device)
+    module, eval_model = build_train_module(cfg, device, log=log)
     optimizer = build_optimizer(cfg, module.parameters())
     iters = len(train_loader) if cfg.SOLVER.MAX_ITERS_PER_EPOCH <= 0 else min(len(train_loader), cfg.SOLVER.MAX_ITERS_PER_EPOCH)
     scheduler = build_lr_scheduler(cfg, optimizer, iters)
     scaler = torch.amp.GradScaler(device.type) if cfg.SOLVER.AMP == "fp16" else None
     start_epoch = 0
     if args.resume:
+        # every process loads the same file into the unwrapped module
         ckpt = load_checkpoint_file(args.ckpt)
         if hasattr(module, "load_checkpoint_state"):
             module.load_checkpoint_state(ckpt["model"])
         else:
             load_model_weights(module, ckpt)
-        start_epoch = restore_training_state(ckpt, optimizer, scheduler, scaler)
-        print(f"resumed from {args.ckpt}: continuing at epoch {start_epoch}")
+        start_epoch = restore_training_state(ckpt, optimizer, scheduler, scaler, restore_rng=main_proc)
+        align_scheduler(scheduler, start_epoch, iters)  # e.g. resumed with another number of processes
+        log(f"resumed from {args.ckpt}: continuing at epoch {start_epoch}")
+    if distributed:
+        module = wrap_ddp(module, device)
+        log(f"distributed training: {get_world_size()} processes x {cfg.INPUT.BATCH_SIZE_TRAIN} images = "
+            f"global batch {get_world_size() * cfg.INPUT.BATCH_SIZE_TRAIN}, BASE_LR {cfg.SOLVER.BASE_LR} "
+            f"(used as is), {iters} steps per epoch per process")
 
     tb = None
-    if cfg.TF_BOARD:
+    if cfg.TF_BOARD and main_proc:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(os.path.join(cfg.OUTPUT_DIR, "tensorboard"))
@@ -84,10 +133,11 @@ def run_train(cfg, args, device):
     def evaluate_epoch(epoch, ckpt_path):
         if not test_loaders:
             test_loaders.extend(build_test_loaders(cfg))
-        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=ckpt_path, epoch=epoch)
+        # new weights every time: never served (nor refused) by the previous epoch's cache
+        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=ckpt_path, epoch=epoch, use_cache=False)
 
     trainer = Trainer(cfg, module, train_loader, optimizer, scheduler, device, evaluate_fn=evaluate_epoch,
-                      tb_writer=tb, scaler=scaler)
+                      tb_writer=tb, is_main=main_proc, scaler=scaler, log=log)
     metrics = trainer.fit(start_epoch)
     if tb is not None:
         tb.close()
@@ -97,11 +147,19 @@ def run_train(cfg, args, device):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.cfg_file, args.opts)
-    device = resolve_device(cfg.DEVICE)
-    set_seed(cfg.SEED)
-    if args.eval:
-        return run_eval(cfg, args.ckpt, device)
-    return run_train(cfg, args, device)
+    device = init_distributed(cfg.DEVICE)  # torchrun: process group and cuda:LOCAL_RANK
+    try:
+        check_amp(cfg, device, log=print if is_main_process() else _quiet)
+        # distinct random streams per process (proposal sampling); rank 0's is the
+        # single-process one. Shuffling and augmentation follow SEED and the epoch only.
+        set_seed(cfg.SEED + get_rank())
+        if args.eval:
+            metrics = run_eval(cfg, args.ckpt, device) if is_main_process() else None
+            barrier()
+            return metrics
+        return run_train(cfg, args, device)
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

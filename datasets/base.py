@@ -171,16 +171,27 @@ class PersonSearchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.annotations)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        """``index`` is an int, or ``(index, seed)`` as the training loader's sampler yields it:
+        then the random transforms draw from a torch RNG seeded with ``seed`` (the global RNG
+        state is left as it was), so augmentation depends on the seed only, not on the worker
+        or process that loads the sample."""
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
         anno = self.annotations[index]
-        img = load_image(anno["img_path"])
+        img = load_image(anno["img_path"])  # the only decode of this image in the step
         labels = self._labels[index] if self._labels is not None else anno["pids"]
         target = {
             "boxes": torch.as_tensor(anno["boxes"], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1),
             "img_name": anno["img_name"],
         }
-        if self.transforms is not None:
+        if self.transforms is not None and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                img, target = self.transforms(img, target)
+        elif self.transforms is not None:
             img, target = self.transforms(img, target)
         else:
             from .transforms import to_tensor

@@ -19,7 +19,9 @@ def to_tensor(image) -> torch.Tensor:
     """PIL image / HxWx3 uint8 array -> float32 tensor 3 x H x W in [0, 1]."""
     if isinstance(image, torch.Tensor):
         return image
-    arr = np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    if isinstance(image, Image.Image) and image.mode != "RGB":
+        image = image.convert("RGB")
+    arr = np.array(image, dtype=np.uint8)  # an RGB image is not converted (copied) again
     if arr.ndim == 2:
         arr = arr[:, :, None]
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)

@@ -38,6 +38,10 @@ def inference_settings(cfg):
         "rpn_post_nms_topn_test": cfg.MODEL.RPN.POST_NMS_TOPN_TEST,
         "rpn_nms_thresh": cfg.MODEL.RPN.NMS_THRESH,
         "rpn_score_thresh": cfg.MODEL.RPN.SCORE_THRESH,
+        # not weights, but they change the outputs too: the anchors, and bf16 / fp16 inference
+        "anchor_sizes": cfg.MODEL.ANCHOR_SIZES,
+        "anchor_aspect_ratios": cfg.MODEL.ANCHOR_ASPECT_RATIOS,
+        "amp": cfg.SOLVER.AMP,
     }
 
 
@@ -98,19 +102,26 @@ def compute_metrics(cfg, gallery_dataset, query_dataset, raw):
     }
 
 
-def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, epoch=None, log=print):
-    """Evaluate `model`, write eval_cache.pth and metrics.json into OUTPUT_DIR, return the metrics."""
+def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, epoch=None, log=print,
+             use_cache=None):
+    """Evaluate `model`, write eval_cache.pth and metrics.json into OUTPUT_DIR, return the metrics.
+
+    `use_cache` (default: cfg.EVAL_USE_CACHE) re-uses the raw outputs in OUTPUT_DIR when they come
+    from the same weights and settings. The training loop passes False: each of its evaluations is
+    of new weights, so a cache there is always the previous epoch's (EVAL_USE_CACHE concerns
+    re-evaluating a checkpoint, `--eval`)."""
+    use_cache = bool(cfg.EVAL_USE_CACHE) if use_cache is None else bool(use_cache)
     output_dir = cfg.OUTPUT_DIR
     os.makedirs(output_dir, exist_ok=True)
     cache_path = os.path.join(output_dir, CACHE_NAME)
     fingerprint = model_fingerprint(model)
     settings = inference_settings(cfg)
     start = time.time()
-    if cfg.EVAL_USE_CACHE and os.path.isfile(cache_path):
+    if use_cache and os.path.isfile(cache_path):
         raw = load_cache(cache_path, fingerprint, settings)
         log(f"Using the raw outputs cached in {cache_path}")
     else:
-        if cfg.EVAL_USE_CACHE:
+        if use_cache:
             log(f"EVAL_USE_CACHE: no cache at {cache_path} yet, computing it")
         raw = run_inference(
             model, gallery_loader, query_loader, device, use_gt=bool(cfg.EVAL_USE_GT), amp=cfg.SOLVER.AMP

@@ -42,3 +42,23 @@ def build_lr_scheduler(cfg, optimizer, iters_per_epoch):
         iters_per_epoch, cfg.SOLVER.WARMUP_FACTOR, cfg.SOLVER.LR_DECAY_MILESTONES, cfg.SOLVER.GAMMA
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def align_scheduler(scheduler, epoch, iters_per_epoch):
+    """Continue a restored schedule at the start of `epoch` with the current steps per epoch.
+
+    The schedule counts steps, and a checkpoint stores the step count and the steps per epoch
+    of the run that wrote it. Resumed with another number of processes (or another
+    MAX_ITERS_PER_EPOCH) an epoch has another number of steps: the warm-up and the
+    LR_DECAY_MILESTONES must still fall on epoch boundaries. Checkpoints are written at the end
+    of an epoch, so with an unchanged number of steps per epoch this changes nothing.
+    """
+    iters = max(int(iters_per_epoch), 1)
+    for factor in scheduler.lr_lambdas:
+        if isinstance(factor, WarmupMultiStep):
+            factor.iters_per_epoch = iters
+    scheduler.last_epoch = int(epoch) * iters
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

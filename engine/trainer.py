@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+from utils.dist import any_across_ranks, barrier, is_main_process
 from utils.misc import atomic_write_bytes, get_rng_states, set_rng_states
 
 
@@ -53,8 +54,11 @@ def save_training_checkpoint(path, module, optimizer, scheduler, epoch, scaler=N
     return path
 
 
-def restore_training_state(ckpt, optimizer, scheduler, scaler=None):
-    """Restore optimizer, scheduler, scaler and RNG states; return the next epoch to run."""
+def restore_training_state(ckpt, optimizer, scheduler, scaler=None, restore_rng=True):
+    """Restore optimizer, scheduler, scaler and RNG states; return the next epoch to run.
+
+    The RNG states saved are rank 0's: distributed runs restore them on rank 0 only
+    (``restore_rng=False`` elsewhere) so that the ranks keep distinct random streams."""
     missing = [k for k in ("optimizer", "lr_scheduler", "epoch") if k not in ckpt]
     if missing:
         raise KeyError(f"cannot resume: the checkpoint has no {', '.join(missing)} entry")
@@ -62,15 +66,23 @@ def restore_training_state(ckpt, optimizer, scheduler, scaler=None):
     scheduler.load_state_dict(ckpt["lr_scheduler"])
     if scaler is not None and "grad_scaler" in ckpt:
         scaler.load_state_dict(ckpt["grad_scaler"])
-    if "rng_states" in ckpt:
+    if restore_rng and "rng_states" in ckpt:
         set_rng_states(ckpt["rng_states"])
     return int(ckpt["epoch"]) + 1
 
 
 def check_finite(losses, epoch, iteration):
-    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
-    if bad:
-        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in losses.items())
+    """Raise NonFiniteLossError if a loss is NaN/inf. Distributed: on every rank as soon as one
+    rank sees one (one scalar all-reduce), so that no rank is left waiting in a collective.
+
+    Only the losses are checked, before backward: with fp16 the GradScaler skips steps whose
+    gradients overflow and lowers its scale, which is not an error."""
+    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach()).all()}
+    if any_across_ranks(bool(bad)):
+        if not bad:
+            raise NonFiniteLossError(f"non-finite loss on another process at epoch {epoch}, iteration "
+                                     f"{iteration}. Training stopped; the last checkpoint written is intact.")
+        terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in losses.items())
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, iteration {iteration}: {sorted(bad)} "
             f"(all terms: {terms}). Training stopped; the last checkpoint written is intact."
@@ -87,7 +99,7 @@ class Trainer:
     """Runs epochs of `module` on `loader`; evaluation and checkpoints are decided by the config."""
 
     def __init__(self, cfg, module, loader, optimizer, scheduler, device, evaluate_fn=None,
-                 tb_writer=None, is_main=True, scaler=None, log=print):
+                 tb_writer=None, is_main=None, scaler=None, log=print):
         self.cfg = cfg
         self.module = module
         self.loader = loader
@@ -96,7 +108,8 @@ class Trainer:
         self.device = device
         self.evaluate_fn = evaluate_fn
         self.tb = tb_writer
-        self.is_main = is_main
+        # logs, TensorBoard, checkpoints and evaluation: rank 0 only (None: ask torch.distributed)
+        self.is_main = is_main_process() if is_main is None else bool(is_main)
         self.scaler = scaler
         self.log = log
         self.max_iters = cfg.SOLVER.MAX_ITERS_PER_EPOCH
@@ -189,9 +202,10 @@ class Trainer:
                 save_training_checkpoint(ckpt_path, self.module, self.optimizer, self.scheduler, epoch, self.scaler)
                 self.log(f"saved {ckpt_path}")
             wants_eval = epoch == last or (epoch >= cfg.EVAL_START_EPOCH and (epoch + 1) % cfg.EVAL_PERIOD == 0)
-            if self.evaluate_fn is not None and wants_eval:
+            if self.is_main and self.evaluate_fn is not None and wants_eval:
                 metrics = self.evaluate_fn(epoch, ckpt_path)
-                if self.is_main and self.tb is not None and metrics:
+                if self.tb is not None and metrics:
                     for k in ("det_recall", "det_ap", "mAP", "top1", "top5", "top10"):
                         self.tb.add_scalar(f"eval/{k}", metrics[k], epoch)
+            barrier()  # distributed: the other ranks wait while rank 0 saves and evaluates
         return metrics

@@ -17,15 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OIMLoss", "UNLABELED_PID"]
+from utils.dist import all_gather_variable
+
+__all__ = ["OIMLoss", "UNLABELED_PID", "gather_for_update"]
 
 UNLABELED_PID = 5555
 
 
 class OIMLoss(nn.Module):
-    """``forward(features, labels) -> loss`` computes the loss (float32 even under autocast), then
-    updates the tables with ``update`` unless ``update_in_forward`` is False (distributed training
-    turns it off and calls ``update`` itself with features/labels gathered from all ranks)."""
+    """``forward(features, labels) -> loss`` computes the loss (float32 even under autocast) on the
+    local features, then (in training mode) updates the tables with the foreground features and
+    labels of *every* rank, gathered in rank order (``gather_for_update``), so that distributed
+    processes apply the same update and keep identical tables. ``update_in_forward = False``
+    leaves the update to the caller."""
 
     def __init__(self, num_features: int = 256, lut_size: int = 5532, cq_size: int = 5000,
                  momentum: float = 0.5, scalar: float = 30.0):
@@ -116,8 +120,17 @@ class OIMLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss(features, labels)
         if self.update_in_forward and self.training:
-            self.update(features, labels)
+            self.update(*gather_for_update(features, labels))
         return loss
+
+
+def gather_for_update(features: torch.Tensor, labels: torch.Tensor):
+    """(features, labels) of the foreground boxes of all ranks, rank 0's first, as float32 /
+    int64; the local foreground ones when the run is not distributed. Every rank must call it
+    (it is a collective), with its own number of rows."""
+    labels = labels.reshape(-1).long().to(features.device)
+    fg = labels > 0
+    return all_gather_variable(features.detach()[fg].float(), labels[fg])
 
 
 def _occurrence_rank(values: torch.Tensor) -> torch.Tensor:

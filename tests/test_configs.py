@@ -23,7 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 ALL_YAML = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 REAL_YAML = [p for p in ALL_YAML if os.sep + "synthetic" + os.sep not in p]
-SYNTHETIC_YAML = [p for p in ALL_YAML if os.sep + "synthetic" + os.sep in p]
+SYNTHETIC_YAML = [p for p in ALL_YAML if os.path.dirname(p) == os.path.join(CONFIG_DIR, "synthetic")]
+# experiment families on the synthetic world with their own sizes: the quickstart
+# (tools/quickstart.py) and the miniature table (tools/reproduce_table.py)
+SYNTHETIC_FAMILY_YAML = [p for p in ALL_YAML if os.sep + "synthetic" + os.sep in p and p not in SYNTHETIC_YAML]
 
 
 def rel(path):
@@ -604,7 +607,24 @@ EXPECTED_FILES = {
 
 
 def test_the_expected_files_exist():
-    assert set(map(rel, ALL_YAML)) == EXPECTED_FILES
+    assert set(map(rel, ALL_YAML)) - set(map(rel, SYNTHETIC_FAMILY_YAML)) == EXPECTED_FILES
+    families = {os.path.dirname(rel(p)) for p in SYNTHETIC_FAMILY_YAML}
+    assert families <= {"synthetic/quickstart", "synthetic/table"}
+
+
+@pytest.mark.parametrize("path", SYNTHETIC_FAMILY_YAML, ids=rel)
+def test_synthetic_family_configs_are_coherent(path):
+    """Each family trains its models with one data setting, table size and schedule."""
+    cfg = load_config(path)
+    family = sorted(p for p in SYNTHETIC_FAMILY_YAML if os.path.dirname(p) == os.path.dirname(path))
+    first = load_config(family[0])
+    for key in ("INPUT", "SOLVER", "MODEL"):
+        assert cfg[key] == first[key], (rel(path), key)
+    assert cfg.INPUT.DATASET == "CUHK-SYSU" and cfg.INPUT.DATA_ROOT.startswith("data/synthetic")
+    assert max(cfg.SOLVER.LR_DECAY_MILESTONES) < cfg.SOLVER.MAX_EPOCHS
+    roles = ["teacher", "student"] if is_distillation(cfg) else ["baseline"]
+    for role in roles:
+        assert model_cfg_for_role(cfg, role).BACKBONE_PRETRAIN is False
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=rel)

@@ -44,7 +44,9 @@ def set_rng_states(states):
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # a checkpoint from a machine with more GPUs restores the devices this one has
+        for index, state in enumerate(list(states["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def atomic_write_bytes(path, data):

@@ -63,11 +63,13 @@ def cd_loss(emb_s: Tensor, emb_t: Tensor) -> Tensor:
     if emb_s.shape[0] == 0:
         return emb_s.sum() * 0.0
     dtype = torch.float32 if emb_s.dtype in (torch.float16, torch.bfloat16) else emb_s.dtype
-    e_s = F.normalize(emb_s.to(dtype), dim=1)
-    e_t = F.normalize(emb_t.detach().to(dtype), dim=1)
-    g_s = e_s @ e_s.t()
-    g_t = e_t @ e_t.t()
-    return (g_s - g_t).pow(2).sum()
+    # autocast off: under AMP the products below would otherwise run in half precision again
+    with torch.autocast(device_type=emb_s.device.type, enabled=False):
+        e_s = F.normalize(emb_s.to(dtype), dim=1)
+        e_t = F.normalize(emb_t.detach().to(dtype), dim=1)
+        g_s = e_s @ e_s.t()
+        g_t = e_t @ e_t.t()
+        return (g_s - g_t).pow(2).sum()
 
 
 def _scores_from_probs(probs: Tensor, pids: Tensor, lut_size: int,

@@ -182,7 +182,14 @@ class DFDLoss(nn.Module):
 
     def forward_terms(self, feat_s: Tensor, feat_t: Tensor, boxes: Sequence[Tensor],
                       image_size: tuple[int, int]) -> dict[str, Tensor]:
-        """The four unweighted terms {"fg", "bg", "attention", "global"} (scalars)."""
+        """The four unweighted terms {"fg", "bg", "attention", "global"} (scalars), computed in
+        float32 with autocast off (under AMP the convolutions and products would otherwise run
+        in half precision again)."""
+        with torch.autocast(device_type=feat_t.device.type, enabled=False):
+            return self._forward_terms(feat_s, feat_t, boxes, image_size)
+
+    def _forward_terms(self, feat_s: Tensor, feat_t: Tensor, boxes: Sequence[Tensor],
+                       image_size: tuple[int, int]) -> dict[str, Tensor]:
         if feat_s.dim() != 4 or feat_t.dim() != 4:
             raise ValueError("DFDLoss expects N x C x H x W feature maps")
         if len(boxes) != feat_t.shape[0]:
