@@ -134,7 +134,7 @@ def run_train(cfg, args, device):
         if not test_loaders:
             test_loaders.extend(build_test_loaders(cfg))
         # new weights every time: never served (nor refused) by the previous epoch's cache
-        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=ckpt_path, epoch=epoch, use_cache=False)
+        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=os.path.abspath(ckpt_path) if ckpt_path else None, epoch=epoch, use_cache=False)
 
     trainer = Trainer(cfg, module, train_loader, optimizer, scheduler, device, evaluate_fn=evaluate_epoch,
                       tb_writer=tb, is_main=main_proc, scaler=scaler, log=log)
