@@ -99,30 +99,36 @@ RUNS = (
 )
 
 
+# --quick: the same stages with two iterations per model, to check the pipeline in seconds
+QUICK_OPTS = ["SOLVER.MAX_EPOCHS", "1", "SOLVER.MAX_ITERS_PER_EPOCH", "2", "SOLVER.LR_DECAY_MILESTONES", "[5]"]
+
+
 def _run_args(args, cfg_name, run_dir, teacher_ckpt=None):
     opts = ["INPUT.DATA_ROOT", os.path.join(args.data, "CUHK-SYSU"), "OUTPUT_DIR", run_dir, "SEED", str(args.seed)]
     if teacher_ckpt:
         opts += ["DISTILLER.TEACHER.CKPT", teacher_ckpt]
+    if args.quick:
+        opts += QUICK_OPTS
     return ["--cfg", os.path.join(QUICKSTART_CONFIGS, cfg_name)] + opts
 
 
-def _last_checkpoint(run_dir, cfg_name):
-    from configs import load_config
-
-    cfg = load_config(os.path.join(QUICKSTART_CONFIGS, cfg_name))
-    return os.path.join(run_dir, f"epoch_{cfg.SOLVER.MAX_EPOCHS - 1}.pth")
+def _last_checkpoint(cfg):
+    return os.path.join(cfg.OUTPUT_DIR, f"epoch_{cfg.SOLVER.MAX_EPOCHS - 1}.pth")
 
 
 def stage_training(args):
-    """Train (or reuse) the three models; return {key: (label, run_dir, ckpt, train seconds)}."""
+    """Train (or reuse) the three models; return {key: (label, config, train seconds)}."""
+    from configs import load_config
+
     results = {}
     teacher_ckpt = None
     for step, (label, cfg_name, key) in enumerate(RUNS, start=3):
         run_dir = os.path.join(args.out, key)
-        ckpt = _last_checkpoint(run_dir, cfg_name)
+        argv = _run_args(args, cfg_name, run_dir, teacher_ckpt if key == "ddps" else None)
+        cfg = load_config(argv[1], argv[2:])
+        ckpt = _last_checkpoint(cfg)
         timing_file = os.path.join(run_dir, "train_seconds.json")
         print(f"\n== {step}. {label} ==")
-        argv = _run_args(args, cfg_name, run_dir, teacher_ckpt if key == "ddps" else None)
         if os.path.isfile(ckpt) and os.path.isfile(os.path.join(run_dir, "metrics.json")) and not args.retrain:
             print(f"already trained: {ckpt} (pass --retrain to redo it)")
         else:
@@ -130,39 +136,37 @@ def stage_training(args):
             start = time.time()
             train_ddps.main(argv)
             atomic_write_json(timing_file, {"train_seconds": time.time() - start})
-        seconds = json.load(open(timing_file))["train_seconds"] if os.path.isfile(timing_file) else float("nan")
-        results[key] = (label, run_dir, ckpt, seconds, argv)
+        seconds = float("nan")  # unknown when the run was trained outside the quickstart
+        if os.path.isfile(timing_file):
+            with open(timing_file) as f:
+                seconds = json.load(f)["train_seconds"]
+        results[key] = (label, cfg, seconds)
         if key == "teacher":
             teacher_ckpt = ckpt
     return results
 
 
-def _count_parameters(run_dir):
-    from configs import load_config
-    from engine.build import build_eval_model
-
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+def _count_parameters(cfg):
     import torch
 
-    model, _ = build_eval_model(cfg, _last_checkpoint_from_cfg(cfg), torch.device("cpu"), log=lambda *a: None)
+    from engine.build import build_eval_model
+
+    model, _ = build_eval_model(cfg, _last_checkpoint(cfg), torch.device("cpu"), log=lambda *a: None)
     return sum(p.numel() for p in model.parameters())
-
-
-def _last_checkpoint_from_cfg(cfg):
-    return os.path.join(cfg.OUTPUT_DIR, f"epoch_{cfg.SOLVER.MAX_EPOCHS - 1}.pth")
 
 
 def stage_table(runs, out_dir):
     print("\n== 6. the three models, evaluated with the real protocols (CUHK-SYSU layout, gallery 100) ==")
     rows = []
-    for key, (label, run_dir, ckpt, seconds, _) in runs.items():
-        m = json.load(open(os.path.join(run_dir, "metrics.json")))
+    for key, (label, cfg, seconds) in runs.items():
+        with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
+            m = json.load(f)
         images = m["num_gallery_images"] + m["num_queries"]
         rows.append({
             "model": label, "mAP": m["mAP"], "top1": m["top1"], "det_recall": m["det_recall"],
-            "det_ap": m["det_ap"], "parameters": _count_parameters(run_dir),
+            "det_ap": m["det_ap"], "parameters": _count_parameters(cfg),
             "ms_per_image": 1000.0 * m["inference_seconds"] / max(images, 1),
-            "train_minutes": seconds / 60.0, "checkpoint": ckpt,
+            "train_minutes": seconds / 60.0, "checkpoint": _last_checkpoint(cfg),
         })
     header = (f"{'model':<30} {'mAP':>6} {'top-1':>6} {'det rec':>8} {'det AP':>7} "
               f"{'params (M)':>10} {'ms/image':>9} {'train min':>9}")
@@ -181,8 +185,8 @@ def stage_table(runs, out_dir):
 
 def stage_demo(runs, out_dir):
     print("\n== 7. demo with the distilled student ==")
-    label, run_dir, ckpt, _, _ = runs["ddps"]
-    return demo.main(["--cfg", os.path.join(run_dir, "config.yaml"), "--ckpt", ckpt,
+    _, cfg, _ = runs["ddps"]
+    return demo.main(["--cfg", os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "--ckpt", _last_checkpoint(cfg),
                       "--out", os.path.join(out_dir, "demo")])
 
 
@@ -194,6 +198,7 @@ def main(argv=None):
     parser.add_argument("--regenerate", action="store_true", help="write the synthetic data anew")
     parser.add_argument("--retrain", action="store_true", help="train again even if a run finished")
     parser.add_argument("--skip-training", action="store_true", help="stop after the protocol stage")
+    parser.add_argument("--quick", action="store_true", help="two iterations per model: checks the pipeline only")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
