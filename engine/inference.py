@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from engine.trainer import progress_interval
+from utils.misc import autocast, move_to_device
 
 
 def _to_numpy(t):
@@ -31,23 +32,6 @@ def _feature_rows(embeddings, n):
     return feats.reshape(n, feats.shape[-1] if feats.ndim == 2 else -1)
 
 
-def _move(images, targets, device):
-    images = [img.to(device, non_blocking=True) for img in images]
-    if targets is not None:
-        targets = [
-            {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-            for t in targets
-        ]
-    return images, targets
-
-
-def _autocast(device, amp):
-    if amp in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 @torch.no_grad()
 def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp="none", progress=True):
     """Return the raw outputs dict (numpy arrays) of `model` on the gallery and query splits."""
@@ -56,8 +40,8 @@ def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp
     gallery_dets, gallery_feats = [], []
     for images, targets in tqdm(gallery_loader, desc="gallery", disable=not progress, dynamic_ncols=True,
                                  mininterval=progress_interval()):
-        images, targets = _move(images, targets, device)
-        with _autocast(device, amp):
+        images, targets = move_to_device(images, targets, device)
+        with autocast(device, amp):
             if use_gt:
                 # Upper bound: the ground-truth boxes are the detections, each with score 1.
                 embeddings = model(images, targets)
@@ -76,8 +60,8 @@ def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp
     query_dets, query_feats, query_box_feats = [], [], []
     for images, targets in tqdm(query_loader, desc="query", disable=not progress, dynamic_ncols=True,
                                  mininterval=progress_interval()):
-        images, targets = _move(images, targets, device)
-        with _autocast(device, amp):
+        images, targets = move_to_device(images, targets, device)
+        with autocast(device, amp):
             outputs = model(images, targets, query_img_as_gallery=True)
         for out in outputs:
             boxes = _to_numpy(out["boxes"]).reshape(-1, 4)

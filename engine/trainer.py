@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dist import any_across_ranks, barrier, is_main_process
-from utils.misc import atomic_write_bytes, get_rng_states, set_rng_states
+from utils.misc import atomic_write_bytes, autocast, get_rng_states, move_to_device, set_rng_states
 
 
 def progress_interval():
@@ -89,12 +89,6 @@ def check_finite(losses, epoch, iteration):
         )
 
 
-def _move(images, targets, device):
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    return images, targets
-
-
 class Trainer:
     """Runs epochs of `module` on `loader`; evaluation and checkpoints are decided by the config."""
 
@@ -122,13 +116,6 @@ class Trainer:
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _autocast(self):
-        amp = self.cfg.SOLVER.AMP
-        if amp in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
-        return torch.autocast(device_type=self.device.type, enabled=False)
-
     def train_epoch(self, epoch):
         self.module.train()
         sampler = getattr(self.loader, "sampler", None)
@@ -142,8 +129,8 @@ class Trainer:
         for i, (images, targets) in enumerate(self.loader):
             if i >= n_iters:
                 break
-            images, targets = _move(images, targets, self.device)
-            with self._autocast():
+            images, targets = move_to_device(images, targets, self.device)
+            with autocast(self.device, self.cfg.SOLVER.AMP):
                 losses = self.module(images, targets)
             losses = {k: v.float() for k, v in losses.items()}
             check_finite(losses, epoch, i)

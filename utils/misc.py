@@ -69,3 +69,22 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def move_to_device(images, targets, device):
+    """A batch (list of image tensors, list of target dicts or None) on `device`."""
+    images = [img.to(device, non_blocking=True) for img in images]
+    if targets is not None:
+        targets = [
+            {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+            for t in targets
+        ]
+    return images, targets
+
+
+def autocast(device, amp):
+    """The autocast context of SOLVER.AMP ("none" | "bf16" | "fp16") on `device`."""
+    if amp in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, enabled=False)
