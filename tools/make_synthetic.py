@@ -64,6 +64,9 @@ class SynthOptions:
     num_colors: int = 10  # clothing colours
     num_patterns: int = 4  # top patterns (solid, h-stripes, v-stripes, checks, dots, diagonal)
     clutter: float = 0.5  # 0..1 background clutter (shapes, blotches)
+    # 0..1 share of clutter shapes and occluders painted in the clothing colours (and, for
+    # rectangles, patterns): distractors that look like clothing; 0 draws nothing extra
+    clutter_palette: float = 0.0
     occlusion: float = 0.1  # probability a person is partly hidden behind an object
     max_overlap: float = 0.3  # max IoU between two people of one image
     noise: float = 6.0  # pixel noise std (0..255)
@@ -88,10 +91,13 @@ PRESETS: Dict[str, Dict] = {
         train_appearances=(3, 8),
         max_persons=7,
         unlabeled=(1, 4),
+        image_width=256,
+        image_height=192,
         person_scale=(0.15, 0.7),
         num_colors=7,
         num_patterns=3,
         clutter=1.0,
+        clutter_palette=0.6,
         occlusion=0.35,
         max_overlap=0.45,
         noise=12.0,
@@ -132,6 +138,7 @@ def _validate(o: SynthOptions) -> None:
     need(2 <= o.num_colors <= 64 and 1 <= o.num_patterns <= len(PATTERNS), "num_colors / num_patterns")
     need(o.test_appearances[1] <= o.test_images, "test_appearances exceed test_images")
     need(o.cameras >= 1 and o.queries_per_id >= 1, "cameras and queries_per_id must be >= 1")
+    need(0.0 <= o.clutter_palette <= 1.0, "clutter_palette within [0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +286,29 @@ def _render_person(rng, look: Look, h: int, w: int, palette, light: float, patte
 # scenes
 
 
-def _background(rng, opts: SynthOptions) -> Tuple[np.ndarray, int]:
+def _clutter_look(rng, opts: SynthOptions, palette, patterns):
+    """(colour, pattern or None) of one clutter shape or occluder.
+
+    With probability ``opts.clutter_palette`` a clothing colour (and a clothing pattern), else a
+    random colour; no random draw at all when the knob is 0, so worlds without it are unchanged."""
+    if opts.clutter_palette > 0 and palette is not None and rng.random() < opts.clutter_palette:
+        color = np.clip(palette[int(rng.integers(len(palette)))] + rng.normal(0, 8, 3), 0, 255)
+        return tuple(float(v) for v in color), patterns[int(rng.integers(len(patterns)))]
+    return tuple(float(v) for v in rng.uniform(20, 240, 3)), None
+
+
+def _fill_rect(img: np.ndarray, x1: int, y1: int, x2: int, y2: int, color, pattern, rng) -> None:
+    """A filled rectangle (corners included, as cv2.rectangle), plain or patterned."""
+    if pattern is None:
+        cv2.rectangle(img, (x1, y1), (x2, y2), color, -1)
+        return
+    H, W = img.shape[:2]
+    xa, xb, ya, yb = max(0, min(x1, x2)), min(W, max(x1, x2) + 1), max(0, min(y1, y2)), min(H, max(y1, y2) + 1)
+    if xb > xa and yb > ya:
+        _fill_pattern(img[ya:yb, xa:xb], color, pattern, max(2, (yb - ya) // 6), int(rng.integers(4)))
+
+
+def _background(rng, opts: SynthOptions, palette=None, patterns=PATTERNS) -> Tuple[np.ndarray, int]:
     H, W = opts.image_height, opts.image_width
     c1, c2 = rng.uniform(40, 230, 3), rng.uniform(40, 230, 3)
     angle = rng.uniform(0, np.pi)
@@ -301,13 +330,13 @@ def _background(rng, opts: SynthOptions) -> Tuple[np.ndarray, int]:
     # clutter shapes: buildings / windows, trees, poles
     n_shapes = int(round(opts.clutter * 10)) + int(rng.integers(0, 3))
     for _ in range(n_shapes):
-        color = tuple(float(v) for v in rng.uniform(20, 240, 3))
+        color, pattern = _clutter_look(rng, opts, palette, patterns)
         kind = rng.integers(3)
         if kind == 0:
             x1, y1 = int(rng.integers(0, W)), int(rng.integers(0, horizon + 1))
             x2 = x1 + int(rng.integers(W // 12, W // 3))
             y2 = min(H - 1, horizon + int(rng.integers(0, H // 8)))
-            cv2.rectangle(img, (x1, y1), (x2, max(y1 + 4, y2)), color, -1)
+            _fill_rect(img, x1, y1, x2, max(y1 + 4, y2), color, pattern, rng)
             if rng.random() < 0.6:  # windows
                 wc = tuple(float(v) for v in rng.uniform(20, 240, 3))
                 step = max(6, (x2 - x1) // 4)
@@ -368,7 +397,7 @@ def _place(rng, opts: SynthOptions, look: Look, horizon: int, placed: List, edge
 def _render_scene(rng, opts: SynthOptions, looks: Sequence[Look], edges: Sequence[bool], palette, patterns):
     """Draw one scene; returns (uint8 RGB image, list of (x, y, w, h)) in the order of ``looks``."""
     H, W = opts.image_height, opts.image_width
-    img, horizon = _background(rng, opts)
+    img, horizon = _background(rng, opts, palette, patterns)
     boxes: List[Tuple[int, int, int, int]] = []
     for look, edge in zip(looks, edges):
         boxes.append(_place(rng, opts, look, horizon, boxes, edge))
@@ -383,8 +412,8 @@ def _render_scene(rng, opts: SynthOptions, looks: Sequence[Look], edges: Sequenc
         if rng.random() < opts.occlusion:  # an object in front of the lower body
             oy1 = y + int(h * rng.uniform(0.55, 0.8))
             ox1 = x + int(w * rng.uniform(-0.3, 0.3))
-            color = tuple(float(v) for v in rng.uniform(20, 240, 3))
-            cv2.rectangle(img, (ox1, oy1), (ox1 + int(w * rng.uniform(0.7, 1.4)), y + h + 2), color, -1)
+            color, pattern = _clutter_look(rng, opts, palette, patterns)
+            _fill_rect(img, ox1, oy1, ox1 + int(w * rng.uniform(0.7, 1.4)), y + h + 2, color, pattern, rng)
     if opts.noise > 0:
         img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(opts.noise)
     if opts.blur > 0:
