@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+import utils.omp  # noqa: F401  (before torch: OpenMP threads wait passively)
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw

@@ -35,6 +35,8 @@ import argparse
 import os
 import sys
 
+import utils.omp  # noqa: F401  (before torch: OpenMP threads wait passively)
+
 import torch
 
 from configs import dump_config, load_config

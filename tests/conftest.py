@@ -21,6 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+
 SYNTHETIC_TEST_SEED = 0
 SYNTHETIC_TEST_OPTIONS = dict(
     train_ids=6,

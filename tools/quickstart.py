@@ -24,6 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+
 from datasets import build_dataset  # noqa: E402
 from datasets.stats import format_statistics_table  # noqa: E402
 from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw  # noqa: E402
