@@ -1,0 +1,969 @@
+"""Model sizes, FLOPs and speed of the DDPS teacher and students ("Scale and speed").
+
+For the teacher (resnet50) and each student (resnet18, resnet18_x05, mobilenet_v2), built from
+the real CUHK-SYSU configs (configs/cuhk_sysu/<backbone>/base.yaml for the single models,
+.../ddps.yaml for the distillation step) with ImageNet weights off (BACKBONE_PRETRAIN False;
+FROZENBN2d as in each config), random weights and synthetic inputs, it measures:
+
+- parameters: total and per part (backbone.body, backbone.fpn, rpn, roi_heads), trainable and
+  total, checked against SPEC 4.2;
+- FLOPs (torch.utils.flop_counter.FlopCounterMode; FLOPs = 2 x multiply-accumulates, counted
+  for convolutions and matrix products only: RoIAlign, NMS, element-wise ops and softmax are
+  not counted) of one inference forward of one image at the original input size (3 x 900 x
+  1500, which the model's transform keeps and pads to 928 x 1504), in eval mode. The whole
+  forward depends on the weights (the number of proposals kept and of detections): with random
+  weights it is only indicative. Backbone + FPN FLOPs depend on the input size only: they are
+  the deterministic figure;
+- inference time per image (eval mode, torch.no_grad, warm-up runs then the median of N runs;
+  CUDA timings with torch.cuda.synchronize);
+- training step time of each model alone (forward + backward + gradient clipping + SGD step on
+  a batch of B synthetic images with a few random person boxes, labels within the OIM table);
+- the DDPS step of each student with a freshly built resnet50 teacher (DDPSDistiller from the
+  ddps.yaml config, no checkpoint), next to the student's own step (the same student module)
+  and the teacher's forward alone (no grad, on the student's transformed batch: the calls the
+  distiller makes: extract_features, roi_heads.proposal_logits, roi_heads.box_embeddings);
+  overhead = DDPS step - (student step + teacher forward), in % of (student step + teacher
+  forward); the issue's target is <= 10%. The three are measured in interleaved rounds, so that
+  load from other processes hits them alike. A breakdown of the distillation terms (DFD per
+  level, LD, CD with the teacher's OIM logits; forward + backward each, on the same batch) is
+  always given; a torch.profiler profile of the student step and the DDPS step (labelled regions
+  and the top operators) is added when the overhead exceeds the target, or with --profile;
+- the evaluation protocols' wall time (engine.evaluation, on tools/bench_eval.py's full-scale
+  synthetic CUHK-SYSU (gallery 100) and PRW sets), or the figures of a bench_eval.py --json file.
+
+Training inputs: the model's transform resizes every image so that its shorter side is
+INPUT.MIN_SIZE (900); to train at another size, INPUT.MIN_SIZE / INPUT.MAX_SIZE are set to the
+requested size, so the transform keeps the images as they are (the RPN / RoI settings stay those
+of the config). The SGD learning rate is the config's first warm-up one (BASE_LR x
+WARMUP_FACTOR), which keeps random-weight training finite without changing the cost of a step.
+
+    python tools/benchmark.py [--models resnet50 resnet18 ...] [--device cpu|cuda]
+        [--train-size H W] [--infer-size H W] [--batch B] [--repeats N] [--warmup N]
+        [--parts params flops inference train ddps eval] [--profile] [--eval-from JSON]
+        [--threads N] [--quick] [--out DIR]
+
+writes DIR/benchmark.md (markdown tables with the machine) and DIR/benchmark.json.
+
+On the CPU, glibc returns large freed blocks to the system, and the page faults of the next large
+allocations show up as system time; the DDPS step, which holds the student's graph while the
+teacher and DFD allocate their maps, pays more of it. The allocator environment (MALLOC_*,
+LD_PRELOAD, OMP_*) is recorded in the report; e.g. MALLOC_MMAP_THRESHOLD_=33554432
+MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 keeps freed memory in the process.
+Defaults: CPU: train 450 x 750, batch 2, 3 repeats after 1 warm-up; CUDA: train 900 x 1500,
+batch 4, 10 repeats after 3 warm-ups. --quick: tiny sizes and settings for tests (sizes and
+timings are then meaningless; parameter counts are still those of the real models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from configs import load_config  # noqa: E402
+from engine.schedule import build_optimizer  # noqa: E402
+from models import build_model  # noqa: E402
+
+TEACHER = "resnet50"
+STUDENTS = ("resnet18", "resnet18_x05", "mobilenet_v2")
+MODELS = (TEACHER,) + STUDENTS
+CONFIG_DIRS = {"resnet50": "resnet50", "resnet18": "resnet18", "resnet18_x05": "resnet18x05",
+               "mobilenet_v2": "mobilenetV2"}
+ALIASES = {"resnet18x05": "resnet18_x05", "mobilenetv2": "mobilenet_v2", "mobilenetV2": "mobilenet_v2"}
+PARTS = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
+SECTIONS = ("params", "flops", "inference", "train", "ddps", "eval")
+# SPEC 4.2: parameter counts of the original definitions (total, body, fpn, rpn, roi_heads)
+SPEC_PARAMS = {
+    "resnet50": (56_993_651, 23_508_032, 3_344_384, 593_935, 29_547_300),
+    "resnet18": (43_915_251, 11_166_912, 2_607_104, 593_935, 29_547_300),
+    "resnet18_x05": (35_424_339, 2_798_880, 2_484_224, 593_935, 29_547_300),
+    "mobilenet_v2": (34_435_123, 1_811_712, 2_482_176, 593_935, 29_547_300),
+}
+OVERHEAD_TARGET_PCT = 10.0
+ORIGINAL_SIZE = (900, 1500)
+GALLERY_IMAGES = {"CUHK-SYSU": 6978, "PRW": 6112}
+UNLABELED_PID = 5555
+
+# --quick: CPU-sized RPN / RoI settings (tests); the real configs' values otherwise
+QUICK_OPTS = (
+    "MODEL.RPN.PRE_NMS_TOPN_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPN_TRAIN", "100",
+    "MODEL.RPN.PRE_NMS_TOPN_TEST", "100", "MODEL.RPN.POST_NMS_TOPN_TEST", "50",
+    "MODEL.RPN.BATCH_SIZE_TRAIN", "64", "MODEL.ROI_HEAD.BATCH_SIZE_TRAIN", "32",
+    "MODEL.ROI_HEAD.DETECTIONS_PER_IMAGE_TEST", "20",
+)
+QUICK_SIZE = (128, 192)
+
+
+# ------------------------------------------------------------------------------------ configs
+def canonical(name):
+    name = ALIASES.get(name, name)
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return name
+
+
+def config_path(name, kind):
+    return os.path.join(ROOT, "configs", "cuhk_sysu", CONFIG_DIRS[name], f"{kind}.yaml")
+
+
+def size_opts(size):
+    """INPUT.MIN_SIZE / MAX_SIZE so that the transform keeps an image of `size` (H, W) as is."""
+    h, w = size
+    return ["INPUT.MIN_SIZE", str(min(h, w)), "INPUT.MAX_SIZE", str(max(h, w))]
+
+
+def base_cfg(name, size, quick=False):
+    """The model's own CUHK-SYSU config (base.yaml), ImageNet weights off, input size `size`."""
+    opts = ["BASELINE.BACKBONE_PRETRAIN", "False"] + size_opts(size) + (list(QUICK_OPTS) if quick else [])
+    return load_config(config_path(name, "base"), opts)
+
+
+def ddps_cfg(student, size, quick=False):
+    """The student's CUHK-SYSU DDPS config (ddps.yaml), ImageNet weights off for both models."""
+    opts = ["DISTILLER.STUDENT.BACKBONE_PRETRAIN", "False", "DISTILLER.TEACHER.BACKBONE_PRETRAIN", "False"]
+    opts += size_opts(size) + (list(QUICK_OPTS) if quick else [])
+    return load_config(config_path(student, "ddps"), opts)
+
+
+def build(cfg, role, device, seed):
+    torch.manual_seed(seed)
+    return build_model(cfg, role).to(device)
+
+
+# ------------------------------------------------------------------------------------ machine
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device, argv):
+    import torchvision
+
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["python tools/benchmark.py"] + list(argv)),
+    }
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k == "LD_PRELOAD"}
+    info["environment"] = env
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    info["memory_gib"] = round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(wall seconds, CPU seconds of this process (user + system, all threads), system seconds)
+    of one call of fn."""
+    sync(device)
+    start, before = time.perf_counter(), os.times()
+    fn()
+    sync(device)
+    wall, after = time.perf_counter() - start, os.times()
+    system = after.system - before.system
+    return wall, after.user - before.user + system, system
+
+
+def summary(samples):
+    """Wall-clock statistics (the figures reported) and the process CPU time: on a CPU shared
+    with other jobs the wall time grows with their load while the CPU time mostly does not. The
+    system part is mostly page faults of large fresh allocations on the CPU."""
+    wall = [w for w, _, _ in samples]
+    cpu = [c for _, c, _ in samples]
+    system = [x for _, _, x in samples]
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "max_s": max(wall),
+            "samples_s": [round(s, 6) for s in wall], "cpu_median_s": statistics.median(cpu),
+            "cpu_samples_s": [round(s, 6) for s in cpu], "system_median_s": statistics.median(system)}
+
+
+def repeat_timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        timed(fn, device)
+    return summary([timed(fn, device) for _ in range(repeats)])
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return None
+
+
+def release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ inputs
+def synthetic_batch(batch, size, lut_size, device, seed=0, people=4):
+    """`batch` random images (3 x H x W in [0, 1]) with `people` person-shaped boxes each; the
+    last box of every image is unlabeled (5555), the others carry random ids in 1..lut_size."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        bw = w * (0.06 + 0.12 * torch.rand(people, generator=g))
+        bh = torch.minimum(bw * (2.0 + torch.rand(people, generator=g)), torch.tensor(0.9 * h))
+        x1 = (w - bw) * torch.rand(people, generator=g)
+        y1 = (h - bh) * torch.rand(people, generator=g)
+        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1)
+        labels = torch.randint(1, lut_size + 1, (people,), generator=g)
+        labels[-1] = UNLABELED_PID
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+# ------------------------------------------------------------------------------------ params
+def count(module):
+    params = list(module.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def get_part(model, dotted):
+    for attr in dotted.split("."):
+        model = getattr(model, attr)
+    return model
+
+
+def norm_kind(body):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    kinds = {type(m) for m in body.modules()}
+    if FrozenBatchNorm2d in kinds:
+        return "FrozenBatchNorm2d"
+    if any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds):
+        return "BatchNorm2d"
+    return "none"
+
+
+def parameter_report(name, model, cfg_file):
+    res = count(model)
+    res["parts"] = {p: count(get_part(model, p)) for p in PARTS}
+    res["config"] = os.path.relpath(cfg_file, ROOT)
+    res["norm"] = norm_kind(model.backbone.body)
+    spec = SPEC_PARAMS[name]
+    res["spec_total"] = spec[0]
+    got = (res["total"],) + tuple(res["parts"][p]["total"] for p in PARTS)
+    res["matches_spec"] = got == spec
+    return res
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+def part_flops(by_module, prefix):
+    """FLOPs counted inside the module `prefix`. FlopCounterMode attributes FLOPs to modules
+    through their forward hooks; a module whose methods are called directly (roi_heads:
+    forward_inference) has no entry of its own, so the outermost entries below it are summed."""
+    if prefix in by_module:
+        return int(by_module[prefix])
+    below = [k for k in by_module if k.startswith(prefix + ".")]
+    outer = [k for k in below if not any(k.startswith(o + ".") for o in below if o != k)]
+    return int(sum(by_module[k] for k in outer))
+
+
+def flop_report(model, size, device):
+    """FLOPs of one eval-mode forward of one 3 x H x W image, and of backbone + FPN alone."""
+    model.eval()
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False, depth=None)
+        with counter:
+            out = model([image])
+        total = counter.get_total_flops()
+        by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        root = type(model).__name__
+        parts = {p: part_flops(by_module, f"{root}.{p}") for p in PARTS}
+        transformed, _ = model.transform([image])
+        counter = FlopCounterMode(display=False, depth=None)
+        with counter:
+            model.backbone(transformed.tensors)
+        backbone = counter.get_total_flops()
+    return {"input": [3, *size], "padded": list(transformed.tensors.shape[-2:]),
+            "total": int(total), "backbone_fpn": int(backbone), "parts": parts,
+            "detections": int(len(out[0]["boxes"]))}
+
+
+# ------------------------------------------------------------------------------------ inference
+def inference_report(model, size, device, warmup, repeats):
+    model.eval()
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def run():
+        with torch.no_grad():
+            model([image])
+
+    reset_peak(device)
+    res = repeat_timed(run, device, warmup, repeats)
+    res["size"] = list(size)
+    res["peak_gib"] = peak_gib(device)
+    return res
+
+
+# ------------------------------------------------------------------------------------ training
+def make_optimizer(cfg, module):
+    opt = build_optimizer(cfg, module.parameters())
+    for group in opt.param_groups:
+        group["lr"] = cfg.SOLVER.BASE_LR * cfg.SOLVER.WARMUP_FACTOR
+    return opt
+
+
+def make_step(module, optimizer, cfg, images, targets):
+    """One training step as engine/trainer.py does it (without AMP): forward, sum, backward,
+    gradient clipping, SGD step; the losses are read back (as the trainer logs them)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = float(cfg.SOLVER.CLIP_GRADIENTS)
+
+    def step():
+        with torch.autograd.profiler.record_function("step: forward"):
+            losses = module(images, targets)
+            total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.profiler.record_function("step: backward"):
+            total.backward()
+        with torch.autograd.profiler.record_function("step: clip + SGD"):
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+        value = float(total.detach())
+        if value != value:  # NaN: the timings would no longer mean anything
+            raise FloatingPointError(f"non-finite training loss {value}")
+
+    return step
+
+
+def train_report(model, cfg, size, batch, device, warmup, repeats, seed):
+    model.train()
+    images, targets = synthetic_batch(batch, size, int(cfg.MODEL.LOSS.LUT_SIZE), device, seed)
+    optimizer = make_optimizer(cfg, model)
+    reset_peak(device)
+    res = repeat_timed(make_step(model, optimizer, cfg, images, targets), device, warmup, repeats)
+    res.update(size=list(size), batch=batch, peak_gib=peak_gib(device))
+    optimizer.zero_grad(set_to_none=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------ DDPS
+def teacher_forward_fn(teacher, rec):
+    """What the distiller asks of the teacher, without gradients, on the student's batch."""
+    sizes = rec.images.image_sizes
+
+    def run():
+        with torch.no_grad():
+            feats = teacher.extract_features(rec.images.tensors)
+            teacher.roi_heads.proposal_logits(feats, rec.proposals, sizes)
+            teacher.roi_heads.box_embeddings(feats, rec.reid_boxes, sizes)
+
+    return run
+
+
+def component_report(distiller, rec, device, warmup, repeats):
+    """Forward + backward of each distillation term alone, on a recorded batch (detached student
+    tensors that require grad, so that only the term's own graph is run backwards)."""
+    from models.distill.dfd import dfd_attention, dfd_masks
+    from models.distill.distiller import FPN_LEVELS, dfd_name
+    from models.distill.ld import ld_loss
+
+    teacher = distiller.teacher
+    sizes = rec.images.image_sizes
+    with torch.no_grad():
+        t_feats = teacher.extract_features(rec.images.tensors)
+        t_logits = teacher.roi_heads.proposal_logits(t_feats, rec.proposals, sizes)
+        t_emb = teacher.roi_heads.box_embeddings(t_feats, rec.reid_boxes, sizes)
+    gt_boxes = [t["boxes"] for t in rec.targets]
+    padded = tuple(rec.images.tensors.shape[-2:])
+    comps = {}
+
+    def measure(key, fn):
+        comps[key] = repeat_timed(fn, device, warmup, repeats)
+
+    if distiller.use_dfd:
+        for level in FPN_LEVELS:
+            module = distiller.fgd[dfd_name(level)]
+            feat_s = rec.features[level].detach().requires_grad_(True)
+
+            def dfd_step(module=module, feat_s=feat_s, level=level):
+                module(feat_s, t_feats[level], gt_boxes, padded).backward()
+
+            measure(f"DFD level {level} (fwd+bwd)", dfd_step)
+        level = FPN_LEVELS[0]
+        feat_t = t_feats[level]
+        grid = tuple(feat_t.shape[-2:])
+        measure(f"  level {level}: person/background masks",
+                lambda: dfd_masks(gt_boxes, grid, padded, device=feat_t.device, dtype=torch.float32))
+        measure(f"  level {level}: attention maps (student + teacher, fwd)",
+                lambda: (dfd_attention(rec.features[level].detach(), distiller.fgd[dfd_name(level)].temp),
+                         dfd_attention(feat_t, distiller.fgd[dfd_name(level)].temp)))
+        module = distiller.fgd[dfd_name(level)]
+        feat_s = rec.features[level].detach().requires_grad_(True)
+
+        def context_step():
+            out_s = module._global_context(feat_s, module.conv_mask_s, module.channel_add_conv_s)
+            out_t = module._global_context(feat_t, module.conv_mask_t, module.channel_add_conv_t)
+            (out_s - out_t).pow(2).sum().backward()
+
+        if hasattr(module, "_global_context"):  # an internal of dfd.py: skipped if it changes
+            measure(f"  level {level}: context blocks + global term (fwd+bwd)", context_step)
+    if distiller.use_ld:
+        labels = torch.cat(rec.proposal_labels)
+        logits_s = rec.proposal_logits.detach().requires_grad_(True)
+        measure("LD (fwd+bwd)", lambda: ld_loss(logits_s, t_logits, labels, **distiller.ld_args).backward())
+    if distiller.use_cd and hasattr(distiller, "_cd"):
+        emb_s = rec.embeddings.detach().requires_grad_(True)
+        rec_cd = dataclasses.replace(rec, embeddings=emb_s)
+        measure("CD: OIM logits + selection + loss (fwd+bwd)", lambda: distiller._cd(rec_cd, t_emb).backward())
+        fg = torch.nonzero(torch.cat(rec.reid_labels) > 0).squeeze(1)
+        oim = teacher.roi_heads.reid_loss
+
+        def oim_probs():
+            with torch.no_grad():
+                torch.softmax(oim.logits(t_emb[fg]).float(), dim=1)
+
+        measure("  CD: teacher OIM logits + softmax", oim_probs)
+        sizes_note = {"cd_boxes": int(len(fg)), "oim_columns": int(oim.lut.shape[0] + oim.cq.shape[0])}
+    else:
+        sizes_note = {}
+    for p in distiller.parameters():
+        p.grad = None
+    return ({k: v["median_s"] for k, v in comps.items()}, {k: v["cpu_median_s"] for k, v in comps.items()},
+            sizes_note)
+
+
+@contextlib.contextmanager
+def profiler_labels(distiller):
+    """Label the student's parts, the teacher's calls and the distillation terms for torch.profiler
+    (module hooks and temporary wrappers of the functions the distiller calls; all undone)."""
+    import models.distill.distiller as dist_mod
+    from torch.autograd.profiler import record_function
+
+    handles, restore = [], []
+
+    def hook(module, label):
+        stack = []
+
+        def pre(_mod, _args):
+            rf = record_function(label)
+            rf.__enter__()
+            stack.append(rf)
+
+        def post(_mod, _args, _out):
+            stack.pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    def wrap(fn, label):
+        def wrapped(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    student, teacher = distiller.student, distiller.teacher
+    hook(student.backbone, "student: backbone + FPN")
+    hook(student.rpn, "student: RPN")
+    hook(student.roi_heads, "student: RoI heads")
+    for name, module in distiller.fgd.items():
+        hook(module, f"DFD {name}")
+    for obj, attr, label in ((teacher, "extract_features", "teacher: backbone + FPN"),
+                             (teacher.roi_heads, "proposal_logits", "teacher: proposal logits"),
+                             (teacher.roi_heads, "box_embeddings", "teacher: box embeddings"),
+                             (teacher.roi_heads.reid_loss, "logits", "teacher: OIM logits (CD)")):
+        setattr(obj, attr, wrap(getattr(obj, attr), label))
+        restore.append((obj, attr))
+    saved = {n: getattr(dist_mod, n) for n in ("ld_loss", "cd_loss", "select_cd_persons")}
+    labels = {"ld_loss": "LD", "cd_loss": "CD loss", "select_cd_persons": "CD selection"}
+    for n, fn in saved.items():
+        setattr(dist_mod, n, wrap(fn, labels[n]))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for obj, attr in restore:
+            delattr(obj, attr)  # back to the class's method
+        for n, fn in saved.items():
+            setattr(dist_mod, n, fn)
+
+
+def profile_steps(distiller, steps, device, top=15):
+    """torch.profiler of one student step and one DDPS step: time in labelled regions, top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    with profiler_labels(distiller):
+        for key, step in steps.items():
+            step()  # warm
+            with profile(activities=activities) as prof:
+                step()
+                sync(device)
+            events = prof.key_averages()
+            use_device = device.type == "cuda"
+
+            def total(e):
+                return (getattr(e, "device_time_total", 0) if use_device else e.cpu_time_total) / 1e3
+
+            def self_time(e):
+                return (getattr(e, "self_device_time_total", 0) if use_device else e.self_cpu_time_total) / 1e3
+
+            regions = {e.key: {"calls": e.count, "ms": round(total(e), 2)} for e in events
+                       if e.key.startswith(("step:", "student:", "teacher:", "DFD ", "LD", "CD "))}
+            ops = sorted((e for e in events if not e.key.startswith(("step:", "student:", "teacher:", "DFD ",
+                                                                       "LD", "CD ", "ProfilerStep"))),
+                         key=self_time, reverse=True)[:top]
+            out[key] = {"regions_ms": regions,
+                        "top_ops": [{"op": e.key, "calls": e.count, "self_ms": round(self_time(e), 2)} for e in ops],
+                        "clock": "device" if use_device else "cpu"}
+    return out
+
+
+def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick, profile):
+    from models.distill.distiller import DDPSDistiller
+
+    cfg = ddps_cfg(student_name, size, quick)
+    teacher = build(cfg, "teacher", device, seed)
+    student = build(cfg, "student", device, seed + 1)
+    distiller = DDPSDistiller(student, teacher, cfg).to(device)
+    distiller.train()
+    images, targets = synthetic_batch(batch, size, int(cfg.MODEL.LOSS.LUT_SIZE), device, seed)
+    optimizer = make_optimizer(cfg, distiller)  # student + DFD parts (the teacher is frozen)
+    student_step = make_step(student, optimizer, cfg, images, targets)
+    ddps_step = make_step(distiller, optimizer, cfg, images, targets)
+    with torch.no_grad():
+        _, rec = student.forward_train(images, targets)
+    teacher_fwd = teacher_forward_fn(teacher, rec)
+
+    fns = {"student_step": student_step, "teacher_forward": teacher_fwd, "ddps_step": ddps_step}
+    for _ in range(warmup):
+        for fn in fns.values():
+            timed(fn, device)
+    samples = {k: [] for k in fns}
+    reset_peak(device)
+    for _ in range(repeats):  # interleaved rounds: load from other processes hits all three alike
+        for key, fn in fns.items():
+            samples[key].append(timed(fn, device))
+    res = {k: summary(v) for k, v in samples.items()}
+    s, t, d = (res[k]["median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
+    res["overhead_s"] = d - (s + t)
+    res["overhead_pct"] = 100.0 * (d - (s + t)) / (s + t)
+    s, t, d = (res[k]["cpu_median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
+    res["cpu_overhead_pct"] = 100.0 * (d - (s + t)) / (s + t)
+    s, t, d = (res[k]["system_median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
+    res["system_overhead_s"] = d - (s + t)
+    res["target_met"] = res["overhead_pct"] <= OVERHEAD_TARGET_PCT
+    res.update(config=os.path.relpath(config_path(student_name, "ddps"), ROOT), size=list(size), batch=batch,
+               peak_gib=peak_gib(device),
+               student_norm=norm_kind(student.backbone.body), teacher_norm=norm_kind(teacher.backbone.body),
+               proposals=int(sum(len(p) for p in rec.proposals)), reid_boxes=int(sum(len(b) for b in rec.reid_boxes)))
+    res["components_s"], res["components_cpu_s"], notes = component_report(distiller, rec, device,
+                                                                            max(warmup, 1), max(repeats, 1))
+    res.update(notes)
+    if profile or not res["target_met"]:
+        res["profile"] = profile_steps(distiller, {"student step": student_step, "DDPS step": ddps_step}, device)
+    optimizer.zero_grad(set_to_none=True)
+    del distiller, student, teacher, optimizer, rec
+    release(device)
+    return res
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def eval_report(quick, from_json=None):
+    if from_json:
+        with open(from_json) as f:
+            data = json.load(f)
+        return {"source": os.path.abspath(from_json), "rows": data["rows"]}
+    from tools import bench_eval as be
+
+    if quick:
+        cuhk = be.build_cuhk(0, n_img=300, n_query=60)
+        prw = be.build_prw(1, n_img=300, n_query=60, n_ids=30)
+    else:
+        cuhk = be.build_cuhk(0)
+        prw = be.build_prw(1)
+    rows = []
+
+    def record(dataset, setting, fn, kind):
+        seconds, res = be._timed(fn, 1)
+        row = {"dataset": dataset, "setting": setting, "seconds": round(seconds, 4)}
+        if kind == "search":
+            row.update(mAP=float(res["mAP"]), top1=float(res["accs"][0]))
+        else:
+            row.update(recall=float(res[0]), ap=float(res[1]))
+        rows.append(row)
+
+    g, q, gd, gf, qbf, qd, qf = cuhk
+    record("CUHK-SYSU", "detection (det_thresh 0.01)", lambda: be.eval_detection(g, gd, det_thresh=0.01), "det")
+    g.load_protocol(100)  # reading the protocol is the dataset's job: not timed
+    for cbgm in (False, True):
+        record("CUHK-SYSU", "search, gallery 100" + (" + CBGM" if cbgm else ""),
+               lambda: be.eval_search_cuhk(g, q, gd, gf, qbf, qd, qf, cbgm=cbgm, gallery_size=100), "search")
+    sizes = {"CUHK-SYSU": [len(g.annotations), len(q.annotations)]}
+    g, q, gd, gf, qbf, qd, qf = prw
+    record("PRW", "detection (det_thresh 0.01)", lambda: be.eval_detection(g, gd, det_thresh=0.01), "det")
+    for ignore_cam, cbgm in ((True, False), (False, False), (True, True), (False, True)):
+        label = ("all cameras" if ignore_cam else "cross-camera") + (" + CBGM" if cbgm else "")
+        record("PRW", f"search, {label}",
+               lambda: be.eval_search_prw(g, q, gd, gf, qbf, qd, qf, cbgm=cbgm, ignore_cam_id=ignore_cam), "search")
+    sizes["PRW"] = [len(g.annotations), len(q.annotations)]
+    return {"source": "tools/bench_eval.py builders" + (" (quick: reduced sizes)" if quick else " (full scale)"),
+            "sizes": sizes, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------ report
+def _g(flops):
+    return f"{flops / 1e9:,.1f}"
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:,.1f}"
+
+
+def _n(x):
+    return f"{x:,}"
+
+
+def markdown(result):
+    m, s = result["machine"], result["settings"]
+    lines = ["# DDPS benchmark: model sizes, FLOPs and speed", ""]
+    if s["quick"]:
+        lines += ["**--quick run: tiny sizes and settings (a test of the tool); the timings and FLOPs below "
+                  "are not those of the real models. Parameter counts are.**", ""]
+    lines += ["| machine | |", "|---|---|",
+              f"| CPU | {m['cpu']} ({m['cpu_cores']} cores visible, torch threads: {m['torch_threads']}) |"]
+    if "memory_gib" in m:
+        lines.append(f"| memory | {m['memory_gib']} GiB (peak resident memory of this run: "
+                     f"{m.get('peak_rss_gib', '?')} GiB) |")
+    if "gpu" in m:
+        lines.append(f"| GPU | {m['gpu']} (CUDA {m['cuda']}) |")
+    env = m.get("environment") or {}
+    lines += [f"| device | {m['device']} |",
+              "| allocator / threading environment | "
+              + (", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "none set (glibc malloc defaults)") + " |",
+              f"| torch / torchvision / Python | {m['torch']} / {m['torchvision']} / {m['python']} |",
+              f"| load average (1, 5, 15 min) at start / end | {m.get('load_average_start')} / "
+              f"{m.get('load_average_end')} |",
+              f"| date | {m['date']} |", f"| command | `{m['command']}` |", ""]
+    lines += ["Models: random weights, built from `configs/cuhk_sysu/<backbone>/base.yaml` (DDPS: `ddps.yaml`) "
+              "with `BACKBONE_PRETRAIN False`; FROZENBN2d as in each config. Timings: median of "
+              f"{s['repeats']} run(s) after {s['warmup']} warm-up run(s), wall clock"
+              + (", with torch.cuda.synchronize" if m["device"].startswith("cuda") else "") + ".", ""]
+    models = result["models"]
+
+    if any("params" in v for v in models.values()):
+        lines += ["## Parameters", "",
+                  "| model | config | trunk norm | total | trainable | backbone.body | backbone.fpn | rpn | "
+                  "roi_heads | SPEC 4.2 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for name, v in models.items():
+            if "params" not in v:
+                continue
+            p = v["params"]
+            parts = " | ".join(_n(p["parts"][k]["total"]) + ("" if p["parts"][k]["trainable"] == p["parts"][k]["total"]
+                                                            else f" ({_n(p['parts'][k]['trainable'])} trainable)")
+                               for k in PARTS)
+            lines.append(f"| {name} | `{p['config']}` | {p['norm']} | {_n(p['total'])} | {_n(p['trainable'])} | "
+                         f"{parts} | {'equal' if p['matches_spec'] else 'DIFFERS: ' + _n(p['spec_total'])} |")
+        lines += ["", "Parameters only (buffers such as FrozenBatchNorm2d statistics and the OIM tables "
+                  "LUT 5532 x 256 and CQ 5000 x 256 are not counted). Not trainable: the frozen stem "
+                  "(conv1, bn1) of the ResNets (FREEZE).", ""]
+
+    if any("flops" in v for v in models.values()):
+        size = next(v["flops"] for v in models.values() if "flops" in v)
+        lines += ["## FLOPs of one inference forward", "",
+                  f"One image 3 x {size['input'][1]} x {size['input'][2]} (padded by the transform to "
+                  f"{size['padded'][0]} x {size['padded'][1]}), eval mode; GFLOPs = 10^9 FLOPs, "
+                  "FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode "
+                  "for convolutions and matrix products (RoIAlign, NMS, element-wise ops, softmax not "
+                  "counted). **Backbone + FPN is deterministic** (it depends on the input size only); the "
+                  "RPN and RoI-head figures depend on how many proposals and detections the weights "
+                  "produce: with random weights they are indicative only (detections given).", "",
+                  "| model | backbone + FPN (deterministic) | whole forward | backbone.body | backbone.fpn | "
+                  "rpn | roi_heads | detections |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in models.items():
+            if "flops" not in v:
+                continue
+            f = v["flops"]
+            lines.append(f"| {name} | {_g(f['backbone_fpn'])} | {_g(f['total'])} | "
+                         + " | ".join(_g(f["parts"][k]) for k in PARTS) + f" | {f['detections']} |")
+        lines.append("")
+
+    if any("inference" in v for v in models.values()):
+        size = next(v["inference"]["size"] for v in models.values() if "inference" in v)
+        lines += ["## Inference time per image", "",
+                  f"One image 3 x {size[0]} x {size[1]}, eval mode, torch.no_grad, batch 1 (detection + "
+                  "embeddings). The gallery columns multiply it by the number of gallery images (an "
+                  "estimate of the model's share of an evaluation; the query side comes on top).", "",
+                  "| model | ms / image | min | max | CUHK-SYSU gallery (6,978 images), est. | "
+                  "PRW gallery (6,112), est. | peak GPU memory |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, v in models.items():
+            if "inference" not in v:
+                continue
+            t = v["inference"]
+            lines.append(f"| {name} | {_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])} | "
+                         f"{t['median_s'] * GALLERY_IMAGES['CUHK-SYSU'] / 60:,.1f} min | "
+                         f"{t['median_s'] * GALLERY_IMAGES['PRW'] / 60:,.1f} min | "
+                         f"{'-' if t['peak_gib'] is None else str(t['peak_gib']) + ' GiB'} |")
+        lines.append("")
+
+    if any("train" in v for v in models.values()):
+        t0 = next(v["train"] for v in models.values() if "train" in v)
+        lines += ["## Training step, single model", "",
+                  f"Batch of {t0['batch']} synthetic images 3 x {t0['size'][0]} x {t0['size'][1]} (INPUT.MIN_SIZE/"
+                  "MAX_SIZE set to keep that size) with 4 random person boxes each (3 labeled, 1 unlabeled); "
+                  "forward + backward + gradient clipping + SGD step, the model's base.yaml RPN / RoI "
+                  "settings.", "",
+                  "| model | ms / step | min | max | ms / image | peak GPU memory |", "|---|---:|---:|---:|---:|---:|"]
+        for name, v in models.items():
+            if "train" not in v:
+                continue
+            t = v["train"]
+            lines.append(f"| {name} | {_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])} | "
+                         f"{_ms(t['median_s'] / t['batch'])} | "
+                         f"{'-' if t['peak_gib'] is None else str(t['peak_gib']) + ' GiB'} |")
+        lines.append("")
+
+    ddps = result.get("ddps", {})
+    if ddps:
+        d0 = next(iter(ddps.values()))
+        lines += ["## DDPS distillation step", "",
+                  f"Batch of {d0['batch']} images 3 x {d0['size'][0]} x {d0['size'][1]}, the student's "
+                  "`ddps.yaml` (student and RPN / RoI settings as in that file), a freshly built resnet50 "
+                  "teacher (random weights, no checkpoint). Student step: the same student module trained "
+                  "alone; teacher forward: what the distiller asks of the teacher, without gradients, on "
+                  "the student's transformed batch (extract_features, roi_heads.proposal_logits on the "
+                  "sampled proposals, roi_heads.box_embeddings on the sampled second-stage boxes). "
+                  "Overhead = DDPS step - (student step + teacher forward), in % of the latter; target "
+                  f"<= {OVERHEAD_TARGET_PCT:.0f}% (judged on the wall-clock medians). Measured in interleaved "
+                  "rounds. The last columns: the same ratio in CPU time of this process (user + system, all "
+                  "threads), which other jobs on a shared CPU disturb less than the wall clock, and the "
+                  "system-time part of the overhead (on the CPU mostly page faults of large fresh "
+                  "allocations: see the environment in the machine table).", "",
+                  "| student | student norm | student step (ms) | teacher forward (ms) | sum (ms) | DDPS step (ms) | "
+                  "overhead (ms) | overhead | target met | overhead in process CPU time | of which system "
+                  "time (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for name, r in ddps.items():
+            s, t, d = (r[k]["median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
+            lines.append(f"| {name} | {r['student_norm']} | {_ms(s)} | {_ms(t)} | {_ms(s + t)} | {_ms(d)} | "
+                         f"{_ms(r['overhead_s']) if r['overhead_s'] >= 0 else '-' + _ms(-r['overhead_s'])} | "
+                         f"{r['overhead_pct']:+.1f}% | {'yes' if r['target_met'] else 'NO'} | "
+                         f"{r['cpu_overhead_pct']:+.1f}% | {r['system_overhead_s'] * 1e3:+,.0f} |")
+        lines += ["", "### Distillation terms alone (forward + backward, median ms)", "",
+                  "Each term on the recorded batch, with detached student tensors (only the term's own "
+                  "graph runs backwards); indented rows are parts of the row above them.", "",
+                  "| term | " + " | ".join(ddps) + " |", "|---|" + "---:|" * len(ddps)]
+        keys = list(dict.fromkeys(k for r in ddps.values() for k in r["components_s"]))
+        for k in keys:
+            cells = " | ".join(_ms(r["components_s"][k]) if k in r["components_s"] else "-" for r in ddps.values())
+            label = k.replace("  ", "&nbsp;&nbsp;&nbsp;&nbsp;", 1) if k.startswith("  ") else k
+            lines.append(f"| {label} | {cells} |")
+        top = [k for k in keys if not k.startswith("  ")]
+        cells = " | ".join(_ms(sum(r["components_s"].get(k, 0.0) for k in top)) for r in ddps.values())
+        lines += [f"| **sum of the terms** | {cells} |",
+                  "| (overhead measured above) | " + " | ".join(_ms(r["overhead_s"]) for r in ddps.values()) + " |",
+                  "", "Batch contents (sampled first-stage proposals, sampled second-stage boxes, foreground "
+                  "boxes scored by the teacher's OIM over LUT + CQ columns): " + "; ".join(
+                      f"{name} {r['proposals']}, {r['reid_boxes']}, {r.get('cd_boxes', '-')} x "
+                      f"{r.get('oim_columns', '-')}" for name, r in ddps.items()) + ".", ""]
+        for name, r in ddps.items():
+            if "profile" not in r:
+                continue
+            lines += [f"### Profile, {name} (torch.profiler, one step each, {r['profile']['DDPS step']['clock']} "
+                      "time)", "", "Labelled regions (inclusive time; forward regions exclude their backward, "
+                      "which runs inside 'step: backward'):", "",
+                      "| region | student step (ms) | DDPS step (ms) |", "|---|---:|---:|"]
+            st, dd = r["profile"]["student step"]["regions_ms"], r["profile"]["DDPS step"]["regions_ms"]
+            for k in sorted(set(st) | set(dd), key=lambda x: (not x.startswith("step:"), x)):
+                a = f"{st[k]['ms']:,.1f}" if k in st else "-"
+                b = "-"
+                if k in dd:
+                    b = f"{dd[k]['ms']:,.1f}" + (f" ({dd[k]['calls']} calls)" if dd[k]["calls"] > 1 else "")
+                lines.append(f"| {k} | {a} | {b} |")
+            lines += ["", "Top operators of the DDPS step by self time:", "", "| operator | calls | self ms |",
+                      "|---|---:|---:|"]
+            for op in r["profile"]["DDPS step"]["top_ops"]:
+                lines.append(f"| `{op['op']}` | {op['calls']} | {op['self_ms']:,.1f} |")
+            lines.append("")
+
+    ev = result.get("evaluation")
+    if ev:
+        lines += ["## Evaluation protocols (engine.evaluation)", "",
+                  f"Source: {ev['source']}. Wall time of the protocol code on precomputed detections and "
+                  "features (the model's inference is not included; see the gallery estimates above). The "
+                  "metrics are those of bench_eval's synthetic features, a sanity check only.", ""]
+        if "sizes" in ev:
+            lines += ["Sizes (gallery images, queries): " + "; ".join(
+                f"{k} {_n(a)} / {_n(b)}" for k, (a, b) in ev["sizes"].items()), ""]
+        lines += ["| dataset | protocol | seconds | result |", "|---|---|---:|---|"]
+        for r in ev["rows"]:
+            res = (f"mAP {r['mAP']:.3f}, top-1 {r['top1']:.3f}" if "mAP" in r
+                   else f"recall {r['recall']:.3f}, AP {r['ap']:.3f}")
+            lines.append(f"| {r['dataset']} | {r['setting']} | {r['seconds']:.3f} | {res} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help=f"subset of {', '.join(MODELS)} (DDPS rows: the students among them)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+    parser.add_argument("--train-size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                        help="training image size (default 450 750 on the CPU, 900 1500 on CUDA)")
+    parser.add_argument("--infer-size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                        help="inference / FLOPs image size (default 900 1500, the original input size)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 2 on the CPU, 4 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 3 on the CPU, 10 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 1 on the CPU, 3 on CUDA)")
+    parser.add_argument("--parts", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the DDPS step even when the overhead is within the target")
+    parser.add_argument("--eval-from", default=None, metavar="JSON",
+                        help="take the evaluation figures from a `tools/bench_eval.py --json` file")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and settings (tests)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "output", "benchmark"), help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    cuda = device.type == "cuda"
+    names = list(dict.fromkeys(canonical(n) for n in args.models))
+    infer_size = tuple(args.infer_size or (QUICK_SIZE if args.quick else ORIGINAL_SIZE))
+    train_size = tuple(args.train_size or (QUICK_SIZE if args.quick else ((900, 1500) if cuda else (450, 750))))
+    batch = args.batch or (2 if args.quick or not cuda else 4)
+    repeats = args.repeats or (1 if args.quick else (10 if cuda else 3))
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if cuda else 1))
+    if args.quick:
+        repeats, warmup = min(repeats, 2), min(warmup, 1)
+
+    result = {"machine": machine_info(device, sys.argv[1:] if argv is None else argv),
+              "settings": {"models": names, "quick": args.quick, "infer_size": list(infer_size),
+                           "train_size": list(train_size), "batch": batch, "repeats": repeats, "warmup": warmup,
+                           "parts": args.parts, "seed": args.seed},
+              "models": {}, "ddps": {}}
+    sections = set(args.parts)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    for name in names:
+        entry = result["models"][name] = {}
+        if sections & {"params", "flops", "inference"}:
+            cfg = base_cfg(name, infer_size, args.quick)
+            model = build(cfg, "baseline", device, args.seed)
+            if "params" in sections:
+                entry["params"] = parameter_report(name, model, config_path(name, "base"))
+                log(f"{name}: {entry['params']['total']:,} parameters ({entry['params']['trainable']:,} trainable)")
+            if "flops" in sections:
+                entry["flops"] = flop_report(model, infer_size, device)
+                log(f"{name}: {_g(entry['flops']['total'])} GFLOPs per forward, backbone + FPN "
+                    f"{_g(entry['flops']['backbone_fpn'])}")
+            if "inference" in sections:
+                entry["inference"] = inference_report(model, infer_size, device, warmup, repeats)
+                log(f"{name}: inference {_ms(entry['inference']['median_s'])} ms / image")
+            del model
+            release(device)
+        if "train" in sections:
+            cfg = base_cfg(name, train_size, args.quick)
+            model = build(cfg, "baseline", device, args.seed)
+            entry["train"] = train_report(model, cfg, train_size, batch, device, warmup, repeats, args.seed)
+            log(f"{name}: training step {_ms(entry['train']['median_s'])} ms (batch {batch})")
+            del model
+            release(device)
+    if "ddps" in sections:
+        for name in names:
+            if name == TEACHER:
+                continue
+            r = result["ddps"][name] = ddps_report(name, train_size, batch, device, warmup, repeats, args.seed,
+                                                   args.quick, args.profile)
+            log(f"{name}: DDPS step {_ms(r['ddps_step']['median_s'])} ms = student "
+                f"{_ms(r['student_step']['median_s'])} + teacher {_ms(r['teacher_forward']['median_s'])} "
+                f"+ overhead {r['overhead_pct']:+.1f}%")
+    if "eval" in sections:
+        result["evaluation"] = eval_report(args.quick, args.eval_from)
+        log(f"evaluation: {len(result['evaluation']['rows'])} protocols timed")
+    try:
+        result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import resource
+
+        # Linux reports kilobytes
+        result["machine"]["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    except (ImportError, OSError):
+        pass
+
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(result)
+    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    log(f"wrote {os.path.join(args.out, 'benchmark.md')} and benchmark.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
