@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--gallery", nargs="+", help="gallery images to search")
     p.add_argument("--out", default="demo_imgs/out", help="folder for the annotated pictures")
     p.add_argument("--num-gallery", type=int, default=4, help="gallery images taken from the dataset")
+    p.add_argument("--det-thresh", type=float, default=0.5,
+                   help="draw and rank detections from this person score on (the search protocol's 0.5)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     if (args.query is None) != (args.gallery is None) or (args.query and args.query_box is None):
@@ -68,12 +70,14 @@ def to_tensor(image):
 
 
 @torch.no_grad()
-def search(model, device, query_image, query_box, gallery_images):
+def search(model, device, query_image, query_box, gallery_images, det_thresh=0.5):
     q_target = {"boxes": torch.as_tensor(query_box, dtype=torch.float32).reshape(1, 4).to(device)}
     q_feat = model([to_tensor(query_image).to(device)], [q_target])[0].reshape(-1)
     results = []
     for image in gallery_images:
         out = model([to_tensor(image).to(device)])[0]
+        keep = out["scores"] >= det_thresh
+        out = {k: v[keep] for k, v in out.items()}
         sims = out["embeddings"] @ q_feat if len(out["boxes"]) else torch.zeros(0)
         results.append((out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(), sims.cpu().numpy()))
     return results
@@ -125,7 +129,7 @@ def main(argv=None):
         query_path, query_box, gallery_paths = args.query, np.asarray(args.query_box, np.float32), args.gallery
     query_image = load_image(query_path)
     gallery_images = [load_image(p) for p in gallery_paths]
-    results = search(model, device, query_image, query_box, gallery_images)
+    results = search(model, device, query_image, query_box, gallery_images, args.det_thresh)
     overview, paths, best = draw(query_image, query_box, gallery_images, results, args.out)
     print(f"query {query_path} box {[round(float(v), 1) for v in query_box]}")
     for path, (boxes, scores, sims) in zip(gallery_paths, results):
