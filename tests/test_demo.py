@@ -61,7 +61,8 @@ def _result_lines(text):
 def test_demo_on_the_configured_dataset(kind, checkpoints, world, tmp_path, capsys):
     cfg_path, ckpt = checkpoints[kind]
     out = tmp_path / "pictures"
-    overview = demo.main(["--cfg", cfg_path, "--ckpt", ckpt, "--out", str(out)])
+    # the checkpoints are barely trained: draw every detection (--det-thresh 0) so there is a match
+    overview = demo.main(["--cfg", cfg_path, "--ckpt", ckpt, "--out", str(out), "--det-thresh", "0"])
     assert overview == str(out / "demo.jpg")
     names = sorted(os.listdir(out))
     assert names == ["demo.jpg", "gallery_0.jpg", "gallery_1.jpg", "gallery_2.jpg", "gallery_3.jpg", "query.jpg"]
@@ -82,7 +83,7 @@ def test_demo_on_the_configured_dataset(kind, checkpoints, world, tmp_path, caps
     # the student layout gives exactly what the same weights give as a single model
     if kind == "student":
         single_cfg, single_ckpt = checkpoints["single"]
-        demo.main(["--cfg", single_cfg, "--ckpt", single_ckpt, "--out", str(tmp_path / "single")])
+        demo.main(["--cfg", single_cfg, "--ckpt", single_ckpt, "--out", str(tmp_path / "single"), "--det-thresh", "0"])
         assert _result_lines(capsys.readouterr().out) == _result_lines(text)
 
 
@@ -92,7 +93,7 @@ def test_demo_with_images_on_the_command_line(checkpoints, world, tmp_path, caps
     query_img = gallery[0]["img_path"]
     box = [float(v) for v in gallery[0]["boxes"][0]]
     out = tmp_path / "cli"
-    demo.main(["--cfg", cfg_path, "--ckpt", ckpt, "--out", str(out), "--query", query_img,
+    demo.main(["--cfg", cfg_path, "--ckpt", ckpt, "--out", str(out), "--det-thresh", "0", "--query", query_img,
                "--query-box", *map(str, box), "--gallery", gallery[1]["img_path"], gallery[2]["img_path"]])
     assert sorted(os.listdir(out)) == ["demo.jpg", "gallery_0.jpg", "gallery_1.jpg", "query.jpg"]
     assert _open(out / "demo.jpg").size == ((WIDTH + GAP) * 3 - GAP, HEIGHT)
@@ -111,3 +112,16 @@ def test_demo_with_images_on_the_command_line(checkpoints, world, tmp_path, caps
     assert "--query-box" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         demo.main(["--cfg", cfg_path, "--ckpt", str(tmp_path / "none.pth"), "--out", str(tmp_path / "y")])
+
+
+def test_demo_ranks_only_detections_from_the_threshold_on(checkpoints, world, tmp_path, capsys):
+    """Detections below --det-thresh are neither drawn nor ranked (the search protocol's 0.5)."""
+    cfg_path, ckpt = checkpoints["single"]
+    counts = {}
+    for thresh in ("0", "0.5", "1.01"):
+        demo.main(["--cfg", cfg_path, "--ckpt", ckpt, "--out", str(tmp_path / thresh), "--det-thresh", thresh])
+        text = capsys.readouterr().out
+        counts[thresh] = sum(int(line.split(": ")[1].split()[0]) for line in text.splitlines()
+                             if line.startswith("  ") and "detections" in line)
+    assert counts["0"] >= counts["0.5"] >= counts["1.01"] == 0
+    assert counts["0"] > 0
