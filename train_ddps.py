@@ -45,7 +45,7 @@ from engine.build import build_eval_model, build_train_module
 from models.checkpoint import load_checkpoint_file, load_model_weights
 from engine.evaluator import evaluate
 from engine.schedule import align_scheduler, build_lr_scheduler, build_optimizer
-from engine.trainer import Trainer, restore_training_state
+from engine.trainer import Trainer, restore_training_state, steps_per_epoch
 from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
                         is_main_process, wrap_ddp)
 from utils.misc import set_seed
@@ -105,7 +105,7 @@ def run_train(cfg, args, device):
     check_table_size(cfg, train_loader.dataset)
     module, eval_model = build_train_module(cfg, device, log=log)
     optimizer = build_optimizer(cfg, module.parameters())
-    iters = len(train_loader) if cfg.SOLVER.MAX_ITERS_PER_EPOCH <= 0 else min(len(train_loader), cfg.SOLVER.MAX_ITERS_PER_EPOCH)
+    iters = steps_per_epoch(cfg, train_loader)
     scheduler = build_lr_scheduler(cfg, optimizer, iters)
     scaler = torch.amp.GradScaler(device.type) if cfg.SOLVER.AMP == "fp16" else None
     start_epoch = 0
@@ -136,7 +136,8 @@ def run_train(cfg, args, device):
         if not test_loaders:
             test_loaders.extend(build_test_loaders(cfg))
         # new weights every time: never served (nor refused) by the previous epoch's cache
-        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=os.path.abspath(ckpt_path) if ckpt_path else None, epoch=epoch, use_cache=False)
+        checkpoint = os.path.abspath(ckpt_path) if ckpt_path else None
+        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=checkpoint, epoch=epoch, use_cache=False)
 
     trainer = Trainer(cfg, module, train_loader, optimizer, scheduler, device, evaluate_fn=evaluate_epoch,
                       tb_writer=tb, is_main=main_proc, scaler=scaler, log=log)

@@ -19,6 +19,12 @@ from utils.dist import any_across_ranks, barrier, is_main_process
 from utils.misc import atomic_write_bytes, autocast, get_rng_states, move_to_device, set_rng_states
 
 
+def steps_per_epoch(cfg, loader):
+    """Steps of one epoch: the loader's length, cut to SOLVER.MAX_ITERS_PER_EPOCH when it is set."""
+    n = len(loader)
+    return n if cfg.SOLVER.MAX_ITERS_PER_EPOCH <= 0 else min(n, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
+
+
 def progress_interval():
     """Seconds between progress-bar refreshes: live in a terminal, sparse in a log file."""
     return 0.1 if sys.stderr.isatty() else 30.0
@@ -106,12 +112,10 @@ class Trainer:
         self.is_main = is_main_process() if is_main is None else bool(is_main)
         self.scaler = scaler
         self.log = log
-        self.max_iters = cfg.SOLVER.MAX_ITERS_PER_EPOCH
         self.history = []  # mean losses per epoch, for callers and tests
 
     def iters_per_epoch(self):
-        n = len(self.loader)
-        return n if self.max_iters <= 0 else min(n, self.max_iters)
+        return steps_per_epoch(self.cfg, self.loader)
 
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
