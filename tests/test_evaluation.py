@@ -6,7 +6,6 @@ agree with it on random worlds (ties included: the "dyadic" worlds use features 
 products are exact in float32, so many similarities are exactly equal).
 """
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,17 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from engine import evaluation as ev
 
-try:
-    from datasets.cuhk_sysu import CUHKProtocol
-except ImportError:  # pragma: no cover - the datasets package is written in parallel
-
-    @dataclass
-    class CUHKProtocol:
-        gallery_size: int
-        query_gallery: np.ndarray
-        gt_query: np.ndarray
-        gt_gallery: np.ndarray
-        gt_boxes: np.ndarray
+from datasets.cuhk_sysu import CUHKProtocol
 
 
 class FakeDataset:

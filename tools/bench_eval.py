@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,17 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw  # noqa: E402
 
-try:
-    from datasets.cuhk_sysu import CUHKProtocol  # noqa: E402
-except Exception:  # pragma: no cover - keep the benchmark usable on its own
-
-    @dataclass
-    class CUHKProtocol:
-        gallery_size: int
-        query_gallery: np.ndarray
-        gt_query: np.ndarray
-        gt_gallery: np.ndarray
-        gt_boxes: np.ndarray
+from datasets.cuhk_sysu import CUHKProtocol  # noqa: E402
 
 
 UNLABELED = 5555
