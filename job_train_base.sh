@@ -9,10 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${DATASET:-cuhk_sysu}
 BACKBONE=${BACKBONE:-resnet50}
-NPROC=${NPROC:-1}
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-CFG=configs/${DATASET}/${BACKBONE}/base.yaml
-if [ "$NPROC" -gt 1 ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train_ddps.py --cfg "$CFG" "$@"
-fi
-exec "$PY" train_ddps.py --cfg "$CFG" "$@"
+exec bash tools/launch_train.sh --cfg "configs/${DATASET}/${BACKBONE}/base.yaml" "$@"

@@ -11,14 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${DATASET:-cuhk_sysu}
 STUDENT=${STUDENT:-resnet18}
-NPROC=${NPROC:-1}
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-CFG=configs/${DATASET}/${STUDENT}/ddps.yaml
 EXTRA=()
 if [ -n "${TEACHER:-}" ]; then
   EXTRA=(DISTILLER.TEACHER.CKPT "$TEACHER")
 fi
-if [ "$NPROC" -gt 1 ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train_ddps.py --cfg "$CFG" "${EXTRA[@]}" "$@"
-fi
-exec "$PY" train_ddps.py --cfg "$CFG" "${EXTRA[@]}" "$@"
+exec bash tools/launch_train.sh --cfg "configs/${DATASET}/${STUDENT}/ddps.yaml" "${EXTRA[@]}" "$@"
