@@ -106,7 +106,13 @@ def test_schedule():
     argv = rt.train_argv(run, settings)
     opts = dict(zip(argv[2::2], argv[3::2]))
     assert opts["SEED"] == "1" and opts["SOLVER.MAX_EPOCHS"] == "3" and opts["SOLVER.MAX_ITERS_PER_EPOCH"] == "40"
-    assert opts["DISTILLER.TEACHER.CKPT"] == os.path.join("o", "seed1", "teacher", "epoch_2.pth")
+    # the teacher trains twice the students' epochs, with its own LR decay
+    assert opts["DISTILLER.TEACHER.CKPT"] == os.path.join("o", "seed1", "teacher", "epoch_5.pth")
+    teacher_argv = rt.train_argv(rt.Run(1, rt.TEACHER, "o"), settings)
+    teacher_opts = dict(zip(teacher_argv[2::2], teacher_argv[3::2]))
+    assert (teacher_opts["SOLVER.MAX_EPOCHS"], teacher_opts["SOLVER.MAX_ITERS_PER_EPOCH"]) == ("6", "40")
+    assert teacher_opts["SOLVER.LR_DECAY_MILESTONES"] == "[5]" and opts["SOLVER.LR_DECAY_MILESTONES"] == "[2]"
+    assert settings.run_steps(rt.TEACHER) == 240 and settings.run_steps(run.spec) == settings.steps == 120
     assert opts["INPUT.DATA_ROOT"] == os.path.join("o", "seed1", "world", "CUHK-SYSU")
     load_config(argv[1], argv[2:])  # the overrides load
     # the same runs reached through another path are the same runs; other steps are not
@@ -116,16 +122,30 @@ def test_schedule():
     assert rt.settings_signature(other) != rt.settings_signature(argv)
 
 
+def spec_distilled(name):
+    return name.endswith("_ddps") or any(name.endswith("_" + a) for a in rt.ABLATIONS)
+
+
 def test_table_configs_share_data_steps_and_schedule():
     specs = rt.model_specs(list(rt.STUDENTS), list(rt.ABLATIONS))
     cfgs = {s.name: load_config(s.cfg_file) for s in specs}
     assert sorted(f[:-5] for f in os.listdir(rt.CONFIG_DIR)) == sorted(cfgs)
-    ref = cfgs["teacher"]
+    ref = cfgs["resnet18_x05"]
     for name, cfg in cfgs.items():
-        for section in ("INPUT", "SOLVER", "MODEL"):
+        for section in ("INPUT", "MODEL"):
             assert cfg[section] == ref[section], (name, section)
+        solver = cfg.SOLVER.clone()
+        solver.defrost()
+        if name == "teacher":  # twice the epochs, its LR decay for its own last sixth
+            assert solver.MAX_EPOCHS == rt.TEACHER_EPOCH_FACTOR * ref.SOLVER.MAX_EPOCHS
+            assert list(solver.LR_DECAY_MILESTONES) == rt.decay_milestones(solver.MAX_EPOCHS)
+            solver.MAX_EPOCHS, solver.LR_DECAY_MILESTONES = ref.SOLVER.MAX_EPOCHS, ref.SOLVER.LR_DECAY_MILESTONES
+        assert solver == ref.SOLVER, name
+        if spec_distilled(name):
+            assert cfg.DISTILLER.TEACHER.CKPT.endswith(f"teacher/epoch_{cfgs['teacher'].SOLVER.MAX_EPOCHS - 1}.pth")
         for key in ("EVAL_GALLERY_SIZE", "EVAL_START_EPOCH", "CKPT_PERIOD", "SEED"):
             assert cfg[key] == ref[key], (name, key)
+    ref = cfgs["teacher"]
     assert ref.BASELINE.BACKBONE_NAME == "resnet18" and not ref.DISTILLER.PROJECT
     assert ref.MODEL.LOSS.LUT_SIZE >= rt.world_options({}).train_ids
     for spec in specs:
@@ -147,7 +167,7 @@ def test_hard_world_preset():
     assert (opts.train_ids, opts.test_ids) == (60, 60)
     assert (opts.image_width, opts.image_height) == (256, 192)
     assert opts.num_colors <= 8 and opts.num_patterns <= 3 and opts.clutter_palette > 0
-    assert opts.occlusion > 0 and opts.person_scale[1] / opts.person_scale[0] >= 4
+    assert opts.occlusion > 0 and opts.person_scale[1] / opts.person_scale[0] >= 2
 
 
 def test_summary_means_and_paired_gains():
@@ -262,8 +282,11 @@ def test_quick_end_to_end_then_nothing_is_redone(tmp_path, monkeypatch):
         assert all(0.0 <= r[k] <= 1.0 for k in rt.METRIC_KEYS)
         assert os.path.isfile(r["checkpoint"])
     cfg = load_config(str(out / "seed0" / "resnet18_x05_ddps" / "config.yaml"))
-    assert cfg.DISTILLER.TEACHER.CKPT == str(out / "seed0" / "teacher" / "epoch_0.pth")
+    # --quick: one epoch of 2 steps per student, the teacher twice that
+    assert cfg.DISTILLER.TEACHER.CKPT == str(out / "seed0" / "teacher" / "epoch_1.pth")
     assert cfg.SOLVER.MAX_ITERS_PER_EPOCH == 2 and cfg.SOLVER.MAX_EPOCHS == 1
+    teacher_cfg = load_config(str(out / "seed0" / "teacher" / "config.yaml"))
+    assert teacher_cfg.SOLVER.MAX_EPOCHS == 2 and list(teacher_cfg.SOLVER.LR_DECAY_MILESTONES) == [1]
     assert (out / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def must_not_train(argv):

@@ -211,4 +211,6 @@ def test_cli_and_options(tmp_path, capsys):
     with pytest.raises(TypeError, match="unknown option"):
         make_synthetic.make_options(colours=3)
     hard = make_synthetic.make_options("hard")
-    assert hard.clutter > make_synthetic.SynthOptions().clutter and hard.max_persons > 4
+    default = make_synthetic.SynthOptions()
+    assert hard.clutter_palette > default.clutter_palette and hard.max_persons > default.max_persons
+    assert hard.train_ids > default.train_ids and hard.num_colors < default.num_colors
