@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-import utils.omp  # noqa: F401  (before torch: OpenMP threads wait passively)
+import utils.runtime_env  # noqa: F401  (before torch: passive OpenMP waits, freed memory kept)
 
 import numpy as np
 import torch

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
 
 SYNTHETIC_TEST_SEED = 0
 SYNTHETIC_TEST_OPTIONS = dict(

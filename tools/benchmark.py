@@ -72,7 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
 
 from datasets import build_dataset  # noqa: E402
 from datasets.stats import format_statistics_table  # noqa: E402

@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils.omp  # noqa: F401,E402  (before torch: OpenMP threads wait passively)
+import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
 import train_ddps  # noqa: E402
 from tools import make_synthetic  # noqa: E402
 from utils.misc import atomic_write_json  # noqa: E402
