@@ -46,9 +46,11 @@ writes DIR/benchmark.md (markdown tables with the machine) and DIR/benchmark.jso
 
 On the CPU, glibc returns large freed blocks to the system, and the page faults of the next large
 allocations show up as system time; the DDPS step, which holds the student's graph while the
-teacher and DFD allocate their maps, pays more of it. The allocator environment (MALLOC_*,
-LD_PRELOAD, OMP_*) is recorded in the report; e.g. MALLOC_MMAP_THRESHOLD_=33554432
-MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 keeps freed memory in the process.
+teacher and DFD allocate their maps, pays more of it. Every entry point (this one included) keeps
+freed memory in the process instead (utils/runtime_env.py: glibc mallopt, like
+MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=1073741824;
+DDPS_KEEP_FREED_MEMORY=0 measures glibc's defaults). The allocator environment (MALLOC_*,
+LD_PRELOAD, OMP_*, what runtime_env applied) is recorded in the report.
 Defaults: CPU: train 450 x 750, batch 2, 3 repeats after 1 warm-up; CUDA: train 900 x 1500,
 batch 4, 10 repeats after 3 warm-ups. --quick: tiny sizes and settings for tests (sizes and
 timings are then meaningless; parameter counts are still those of the real models).
@@ -72,7 +74,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
+import utils.runtime_env as runtime_env  # noqa: E402  (before torch: passive OpenMP waits, freed memory kept)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -176,6 +178,9 @@ def machine_info(device, argv):
     }
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k == "LD_PRELOAD"}
+    kept = runtime_env.KEPT_FREED_MEMORY
+    env["mallopt (utils/runtime_env)"] = ("mmap threshold 32 MiB, trim threshold 2 GiB, top pad 1 GiB" if kept
+                                          else "not applied (glibc defaults or the MALLOC_* above)")
     info["environment"] = env
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
