@@ -125,3 +125,21 @@ def test_eval_from_bench_eval_json(tmp_path, restore_threads):
                            "--out", str(tmp_path / "out")])
     assert data["evaluation"]["rows"] == rows
     assert "search, gallery 100 | 0.500" in (tmp_path / "out" / "benchmark.md").read_text()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_run_on_cuda(tmp_path, restore_threads):
+    """The CUDA path: synchronised timings, the GPU named in the report, peak GPU memory recorded."""
+    data = benchmark.main(["--quick", "--device", "cuda", "--models", "resnet18_x05", "--parts", "params", "flops",
+                           "inference", "train", "ddps", "--out", str(tmp_path)])
+    assert data["machine"]["device"].startswith("cuda") and data["machine"]["gpu"]
+    r = data["models"]["resnet18_x05"]
+    assert r["params"]["total"] == SPEC_TOTALS["resnet18_x05"]
+    for section in ("inference", "train"):
+        assert r[section]["median_s"] > 0
+        assert r[section]["peak_gib"] > 0
+    d = data["ddps"]["resnet18_x05"]
+    assert d["ddps_step"]["median_s"] > 0 and math.isfinite(d["overhead_pct"])
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| GPU |" in md and "torch.cuda.synchronize" in md
