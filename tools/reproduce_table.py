@@ -679,11 +679,13 @@ def plot_map(summary: List[Dict], rows: List[Dict], path: str, title: str) -> No
     stds = [100 * e["mAP"]["std"] for e in entries]
     ax.bar(xs, means, yerr=stds, capsize=4, color=[KIND_COLOURS[e["kind"]] for e in entries], edgecolor="black",
            linewidth=0.6)
-    top = max([m + s for m, s in zip(means, stds)] + [1.0])
-    for x, e, m, sd in zip(xs, entries, means, stds):
-        vals = [100 * v for v in e["per_seed_mAP"].values()]
+    seed_values = [[100 * v for v in e["per_seed_mAP"].values()] for e in entries]
+    # a seed's dot can lie above mean + std: the label goes above both
+    heads = [max([m + sd] + vals) for m, sd, vals in zip(means, stds, seed_values)]
+    top = max(heads + [1.0])
+    for x, m, vals, head in zip(xs, means, seed_values, heads):
         ax.scatter([x] * len(vals), vals, color="black", s=10, zorder=3)
-        ax.text(x, m + sd + 0.02 * top, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.text(x, head + 0.02 * top, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
     from matplotlib.patches import Patch
 
     kinds = [k for k in KIND_COLOURS if any(e["kind"] == k for e in entries)]
