@@ -120,6 +120,34 @@ class Trainer:
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def train_step(self, images, targets, epoch, i):
+        """One optimisation step; returns the loss values (floats, with their sum as "loss") and the
+        learning rate the step used."""
+        images, targets = move_to_device(images, targets, self.device)
+        with autocast(self.device, self.cfg.SOLVER.AMP):
+            losses = self.module(images, targets)
+        losses = {k: v.float() for k, v in losses.items()}
+        check_finite(losses, epoch, i)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if self.cfg.SOLVER.CLIP_GRADIENTS > 0:
+            torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.SOLVER.CLIP_GRADIENTS)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["loss"] = float(total.detach())
+        return values, lr
+
     def train_epoch(self, epoch):
         self.module.train()
         sampler = getattr(self.loader, "sampler", None)
@@ -127,50 +155,29 @@ class Trainer:
             sampler.set_epoch(epoch)
         n_iters = self.iters_per_epoch()
         sums, count = defaultdict(float), 0
-        bar = tqdm(total=n_iters, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True,
-                   mininterval=progress_interval())
         start = time.time()
-        for i, (images, targets) in enumerate(self.loader):
-            if i >= n_iters:
-                break
-            images, targets = move_to_device(images, targets, self.device)
-            with autocast(self.device, self.cfg.SOLVER.AMP):
-                losses = self.module(images, targets)
-            losses = {k: v.float() for k, v in losses.items()}
-            check_finite(losses, epoch, i)
-            total = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(total).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                total.backward()
-            if self.cfg.SOLVER.CLIP_GRADIENTS > 0:
-                torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.SOLVER.CLIP_GRADIENTS)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(total.detach())
-            for k, v in values.items():
-                sums[k] += v
-            count += 1
-            step = epoch * n_iters + i
-            if self.is_main:
-                bar.update(1)
-                if i % max(self.cfg.DISP_PERIOD, 1) == 0 or i == n_iters - 1:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
-                                    **{k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items() if k != "loss"})
-                if self.tb is not None:
-                    for k, v in values.items():
-                        self.tb.add_scalar(f"train/{k}", v, step)
-                    self.tb.add_scalar("train/lr", lr, step)
-        bar.close()
+        # a context manager closes the bar when a step raises (a non-finite loss), so its last state
+        # is not printed later by the interpreter's shutdown
+        with tqdm(total=n_iters, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True,
+                  mininterval=progress_interval()) as bar:
+            for i, (images, targets) in enumerate(self.loader):
+                if i >= n_iters:
+                    break
+                values, lr = self.train_step(images, targets, epoch, i)
+                for k, v in values.items():
+                    sums[k] += v
+                count += 1
+                step = epoch * n_iters + i
+                if self.is_main:
+                    bar.update(1)
+                    if i % max(self.cfg.DISP_PERIOD, 1) == 0 or i == n_iters - 1:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
+                                        **{k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()
+                                           if k != "loss"})
+                    if self.tb is not None:
+                        for k, v in values.items():
+                            self.tb.add_scalar(f"train/{k}", v, step)
+                        self.tb.add_scalar("train/lr", lr, step)
         elapsed = time.time() - start
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if self.is_main:
