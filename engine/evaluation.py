@@ -65,8 +65,12 @@ CBGM (``cbgm=True``), applied to each query before the hits are determined
    matrix W = query-image feats x gallery-image feats^T (k2' x n); maximum-weight assignment
    ``scipy.optimize.linear_sum_assignment(W, maximize=True)`` (min(k2', n) pairs);
 3. if row 0 (the query person) is assigned to detection j, the similarity of detection j
-   becomes the total weight of the assignment (sum of the assigned W entries). No other
-   similarity changes; all images are processed from the original similarities.
+   becomes the LARGEST single weight among the assigned pairs of that assignment (the
+   original's ``max_val``: max over the matched (query-image person, detection) pairs of their
+   dot product), not the assignment's total weight. When row 0 is left unassigned (the gallery
+   image has fewer detections than k2'), nothing changes. No other similarity changes; all
+   images are processed from the original similarities. This rule defines the published CBGM
+   numbers (SeqNet's and DDPS's), odd as it looks: it is reproduced exactly.
 The hits, AP and top-k then use the modified similarities.
 
 CUHK-SYSU (`eval_search_cuhk`)
@@ -428,7 +432,8 @@ def _cbgm_inplace(s, n_valid, k1, k2, qimg_feats, local_to_det, gal: _Gallery):
     if targets:
         matched = weights[np.concatenate(seg_rows), np.concatenate(seg_cols)]
         starts = np.cumsum(seg_len) - np.asarray(seg_len)
-        s[np.asarray(targets)] = np.add.reduceat(matched, starts)  # total weight of each matching
+        # the largest matched weight of each matching (the original's max_val), not its total
+        s[np.asarray(targets)] = np.maximum.reduceat(matched, starts)
 
 
 def _score_block(flat, row_start, rows_q, e_pos, e_q, e_pair, count_gt, aps, ranks, tps, kmax):

@@ -316,7 +316,8 @@ def test_search_ties_use_stable_order():
 def test_cbgm_hand_case():
     # query image: the query person q=(1,0,0) and a companion o=(0,1,0).
     # gallery image: x0 (the companion, sim 0.6 to q, 0.9 to o) and x1 (the person, 0.5, 0.1).
-    # matching: q-x1 + o-x0 = 1.4 beats q-x0 + o-x1 = 0.7 -> x1's similarity becomes 1.4.
+    # matching: q-x1 + o-x0 = 1.4 beats q-x0 + o-x1 = 0.7 -> x1's similarity becomes the largest
+    # matched weight, o-x0 = 0.9 (the original's max_val; the total 1.4 would rank the same here).
     annos = [anno("im0", [[0, 0, 100, 200], [200, 0, 300, 200]], [5555, 1])]
     gdets = [dets([0, 0, 100, 200, 0.9], [200, 0, 300, 200, 0.9])]
     gfeats = [feats([0.6, 0.9, 0], [0.5, 0.1, 0], dim=3)]
@@ -334,6 +335,44 @@ def test_cbgm_hand_case():
     # k2=1: only the query person is matched, to its best detection x0 -> nothing changes order
     only_q = ev.eval_search_cuhk(*args, gallery_size=1, cbgm=True, k2=1)
     assert only_q["aps"][0] == pytest.approx(0.5)
+
+
+def test_cbgm_takes_the_largest_matched_weight_not_the_total():
+    # gallery image 0 holds the person (x1) and a companion (x0); image 1 a distractor y (0.7).
+    # matching of image 0: q-x1 (0.5) + o-x0 (0.6) = 1.1 beats q-x0 (0.3) + o-x1 (0.0) = 0.3, so
+    # x1 becomes max(0.5, 0.6) = 0.6 < 0.7: the distractor stays first. The total (1.1) would
+    # put the person first: top-1 tells the two rules apart.
+    annos = [anno("im0", [[0, 0, 100, 200], [200, 0, 300, 200]], [5555, 1]),
+             anno("im1", [[0, 0, 100, 200]], [5555])]
+    gdets = [dets([0, 0, 100, 200, 0.9], [200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])]
+    gfeats = [feats([0.3, 0.6, 0], [0.5, 0.0, 0], dim=3), feats([0.7, 0.0, 0], dim=3)]
+    prot = protocol(2, [[0, 1]], [(0, 0, [200, 0, 300, 200])])
+    gallery = FakeDataset("CUHK-SYSU", annos, {2: prot})
+    query = FakeDataset("CUHK-SYSU", [anno("q", BOX, [1])])
+    qimg_feats = [feats([1, 0, 0], [0, 1, 0], dim=3)]
+    qimg_dets = [dets([0, 0, 100, 200, 1.0], [200, 0, 300, 200, 1.0])]
+    args = (gallery, query, gdets, gfeats, [feats([1, 0, 0], dim=3)], qimg_dets, qimg_feats)
+    res = ev.eval_search_cuhk(*args, gallery_size=2, cbgm=True, k2=2)
+    # ranking 0.7 (y), 0.6 (x1, hit), 0.3 (x0): AP = 1/2, not top-1
+    assert res["aps"][0] == pytest.approx(0.5) and res["topk"][0].tolist() == [0, 1, 1]
+
+
+def test_cbgm_leaves_an_unmatched_query_person_alone():
+    # one detection x (the person, 0.5 to q) and two query-image people: the companion o is more
+    # similar to x (0.9), so the matching pairs o-x and leaves q unmatched: x keeps 0.5.
+    annos = [anno("im0", [[200, 0, 300, 200]], [1]), anno("im1", [[0, 0, 100, 200]], [5555])]
+    gdets = [dets([200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])]
+    gfeats = [feats([0.5, 0.9, 0], dim=3), feats([0.7, 0.0, 0], dim=3)]
+    prot = protocol(2, [[0, 1]], [(0, 0, [200, 0, 300, 200])])
+    gallery = FakeDataset("CUHK-SYSU", annos, {2: prot})
+    query = FakeDataset("CUHK-SYSU", [anno("q", BOX, [1])])
+    qimg_feats = [feats([1, 0, 0], [0, 1, 0], dim=3)]
+    qimg_dets = [dets([0, 0, 100, 200, 1.0], [200, 0, 300, 200, 1.0])]
+    args = (gallery, query, gdets, gfeats, [feats([1, 0, 0], dim=3)], qimg_dets, qimg_feats)
+    plain = ev.eval_search_cuhk(*args, gallery_size=2)
+    res = ev.eval_search_cuhk(*args, gallery_size=2, cbgm=True, k2=2)
+    assert res["aps"][0] == pytest.approx(plain["aps"][0]) == pytest.approx(0.5)
+    assert res["topk"][0, 0] == 0
 
 
 def test_prw_cross_camera_hand_case():
@@ -393,7 +432,7 @@ def ref_search(gdets, gfeats, qbox, qimg_feats, galleries, positives, k1, k2, de
                 new = sims[g].copy()
                 for r, c in zip(rows, cols):
                     if r == 0:
-                        new[c] = w[rows, cols].sum()
+                        new[c] = w[rows, cols].max()  # the largest matched weight (max_val)
                 sims[g] = new
         y_true, y_score, count_gt, count_tp = [], [], 0, 0
         for g in imgs:
