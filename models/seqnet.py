@@ -284,12 +284,19 @@ class SeqRoIHeads(nn.Module):
     def forward_inference(self, features, proposals, image_sizes,
                           query_boxes: Optional[List[Tensor]] = None) -> List[Dict[str, Tensor]]:
         """Gallery detections: boxes, first-stage scores and CWS embeddings (emb * score), after a
-        second NMS at 0.5. With ``query_boxes`` (query image as gallery): those boxes are put
-        first with score 1 and plain embeddings; as in the original, where they take part in the
-        second NMS with score 1, detections overlapping a query box by IoU > 0.5 are dropped."""
+        second NMS at 0.5.
+
+        With ``query_boxes`` (the query image seen as a gallery, for CBGM), exactly as the
+        original: confidence weighting is off for every box of the image, and the query box
+        (score 1, its embedding from RoIAlign on the given box) joins the detections before the
+        final NMS, so it suppresses the detections overlapping it by IoU > 0.5; then the top
+        DETECTIONS_PER_IMAGE_TEST are kept, the query box first. Having the highest score, the
+        query box is kept by that NMS whatever else there is: it is put first explicitly (a
+        detection whose score rounds to 1.0 must not outrank it), and NMS runs on the rest."""
         boxes, scores = self.detect(features, proposals, image_sizes)
         emb = self.box_embeddings(features, boxes, image_sizes)
-        emb = emb * torch.cat(scores)[:, None]
+        if query_boxes is None:
+            emb = emb * torch.cat(scores)[:, None]  # CWS
         emb = emb.split([len(b) for b in boxes])
         q_emb = None
         if query_boxes is not None:
@@ -297,17 +304,19 @@ class SeqRoIHeads(nn.Module):
                 [len(q) for q in query_boxes])
         results = []
         for i, (b, s, e) in enumerate(zip(boxes, scores, emb)):
-            if query_boxes is not None and len(query_boxes[i]):
+            n_query = len(query_boxes[i]) if query_boxes is not None else 0
+            limit = self.detections_per_img
+            if n_query:
                 qb = query_boxes[i].to(b.dtype)
                 overlap = box_ops.box_iou(qb, b).amax(dim=0) > self.second_nms_thresh
                 keep = torch.where(~overlap)[0]
                 b, s, e = b[keep], s[keep], e[keep]
-            keep = box_ops.nms(b, s, self.second_nms_thresh)
+                limit = max(limit - n_query, 0)
+            keep = box_ops.nms(b, s, self.second_nms_thresh)[:limit]
             b, s, e = b[keep], s[keep], e[keep]
-            if query_boxes is not None and len(query_boxes[i]):
-                n = len(query_boxes[i])
+            if n_query:
                 b = torch.cat([query_boxes[i].to(b.dtype), b])
-                s = torch.cat([s.new_ones(n), s])
+                s = torch.cat([s.new_ones(n_query), s])
                 e = torch.cat([q_emb[i], e])
             results.append({"boxes": b, "scores": s, "embeddings": e})
         return results

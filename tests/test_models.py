@@ -454,7 +454,11 @@ def test_query_image_as_gallery(trained_model):
     assert torch.allclose(out["embeddings"][0], q_emb[0], atol=1e-5)  # no CWS
     rest = out["boxes"][1:]
     assert len(rest) >= 1
-    assert torch.allclose(out["embeddings"][1:].norm(dim=1), out["scores"][1:], atol=1e-4)
+    # no confidence weighting for ANY box of the query image: unit embeddings, unlike the same
+    # image seen as a gallery (CWS: norm = score)
+    assert torch.allclose(out["embeddings"].norm(dim=1), torch.ones(len(out["boxes"])), atol=1e-4)
+    assert (out["scores"][1:] < 0.999).any(), "the test needs detections whose CWS would show"
+    assert torch.allclose(gallery["embeddings"].norm(dim=1), gallery["scores"], atol=1e-4)
     # the others are what the second NMS (0.5) keeps when the query box takes part in it with
     # the top score, as in the original (so the query's own duplicate detection goes away)
     with torch.no_grad():
@@ -464,11 +468,41 @@ def test_query_image_as_gallery(trained_model):
         boxes, scores = trained_model.roi_heads.detect(feats, proposals, images_t.image_sizes)
     all_boxes = torch.cat([box, boxes[0]])
     keep = box_ops.nms(all_boxes, torch.cat([torch.tensor([2.0]), scores[0]]), 0.5)
+    keep = keep[: trained_model.roi_heads.detections_per_img]  # the query box counts in the cut
     assert keep[0] == 0
     assert torch.allclose(rest, all_boxes[keep[1:]], atol=1e-4)
     assert torch.allclose(out["scores"][1:], scores[0][keep[1:] - 1])
     assert (box_ops.box_iou(box, rest) <= 0.5 + 1e-5).all()
-    assert len(gallery["boxes"]) >= len(rest)
+    # the plain embeddings of the same boxes (RoIAlign -> reid_head -> embedding_head)
+    with torch.no_grad():
+        plain = trained_model.roi_heads.box_embeddings(feats, [rest], images_t.image_sizes)
+    assert torch.allclose(out["embeddings"][1:], plain, atol=1e-5)
+
+
+def test_query_image_as_gallery_keeps_detections_per_image(trained_model):
+    """The query box (score 1) joins the detections BEFORE the final NMS and the
+    top-DETECTIONS_PER_IMAGE_TEST cut, so it counts in that cut (the original's order)."""
+    images, targets = make_batch()
+    img, box = images[0], targets[0]["boxes"][:1]
+    query = [{"boxes": box, "labels": torch.tensor([1])}]
+    roi_heads = trained_model.roi_heads
+    limit = roi_heads.detections_per_img
+    roi_heads.detections_per_img = 3
+    try:
+        with torch.no_grad():
+            out = trained_model([img], query, query_img_as_gallery=True)[0]
+            images_t, _ = trained_model.transform([img])  # 64 x 96: the scale is 1
+            feats = trained_model.backbone(images_t.tensors)
+            proposals, _ = trained_model.rpn(images_t, feats)
+            boxes, scores = roi_heads.detect(feats, proposals, images_t.image_sizes)
+    finally:
+        roi_heads.detections_per_img = limit
+    all_boxes = torch.cat([box, boxes[0]])
+    keep = box_ops.nms(all_boxes, torch.cat([torch.tensor([2.0]), scores[0]]), 0.5)
+    assert len(keep) > 3, "the test needs more than 3 boxes left after the final NMS"
+    assert len(out["boxes"]) == 3  # the query box and the 2 best others, not 1 + 3
+    assert torch.equal(out["boxes"][0], box[0]) and out["scores"][0].item() == 1.0
+    assert torch.allclose(out["boxes"], all_boxes[keep[:3]], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- OIM
