@@ -8,10 +8,15 @@ Layout under ``root``::
     frame_test.mat                    img_index_test
     query_info.txt                    one query a line: pid x y w h name (any line ending)
 
-Ids <= 0 (the release uses -2) are unlabeled people and become 5555. Boxes are converted to
-x1, y1, x2, y2 first and then clipped at 0, so a box that starts outside the frame keeps its
-visible part (x2 = x + w is unchanged); boxes left with no width or height are dropped.
-Coordinates are truncated to integers. Training images without any box are dropped.
+Ids <= 0 (the release uses -2) are unlabeled people and become 5555.
+
+Boxes, a reproduced quirk of the original (and of every SeqNet-family PRW loader): the four
+numbers x, y, w, h of an annotation file are clipped at 0 FIRST and converted after, x2 =
+max(x, 0) + max(w, 0), so a box with x = -3, w = 36 becomes [0, 36], not [0, 33]. This defines
+the ground truth that published PRW numbers (detection and search) were computed on, so it is
+kept. ``query_info.txt`` boxes, by contrast, are converted first and clipped after (x2 = x + w),
+as the original does. Coordinates are truncated to integers after the conversion; boxes with no
+width or height are dropped. Training images without any box are dropped.
 Training pids are not contiguous in the release (1..478, 480..483, 932): the training split maps
 them to contiguous classes (``pid_to_class``), see ``PersonSearchDataset``.
 """
@@ -45,12 +50,23 @@ def _with_ext(name: str) -> str:
     return name if name.lower().endswith(".jpg") else name + ".jpg"
 
 
-def _convert_boxes(xywh: np.ndarray) -> tuple:
-    """float (n, 4) x, y, w, h -> (int32 (n, 4) x1 y1 x2 y2 clipped at 0, keep mask)."""
-    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    xyxy = np.maximum(xyxy, 0.0).astype(np.int32)
+def _to_int_boxes(xyxy: np.ndarray) -> tuple:
+    """float (n, 4) x1 y1 x2 y2 (>= 0) -> (int32 boxes truncated, keep mask of non-empty ones)."""
+    xyxy = xyxy.astype(np.int32)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     return xyxy, keep
+
+
+def annotation_boxes(xywh: np.ndarray) -> tuple:
+    """Annotation-file boxes: clip x, y, w, h at 0, THEN convert (the original's rule, above)."""
+    xywh = np.maximum(xywh, 0.0)
+    return _to_int_boxes(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1))
+
+
+def query_boxes(xywh: np.ndarray) -> tuple:
+    """query_info.txt boxes: convert to x1, y1, x2, y2, THEN clip at 0 (the original's rule)."""
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return _to_int_boxes(np.maximum(xyxy, 0.0))
 
 
 def read_prw_boxes(path: str) -> tuple:
@@ -74,7 +90,7 @@ def read_prw_boxes(path: str) -> tuple:
         raise DatasetError(f"{path}: '{key}' holds non-finite values")
     pids = np.rint(arr[:, 0]).astype(np.int64)
     pids[pids <= 0] = UNLABELED_PID
-    boxes, keep = _convert_boxes(arr[:, 1:])
+    boxes, keep = annotation_boxes(arr[:, 1:])
     return boxes[keep], pids[keep].astype(np.int32)
 
 
@@ -154,7 +170,7 @@ class PRW(PersonSearchDataset):
                 raise DatasetError(
                     f"{path}: query {k} ({name}) is not in the test set (frame_test.mat)"
                 )
-            boxes, keep = _convert_boxes(np.array([[x, y, w, h]], dtype=np.float64))
+            boxes, keep = query_boxes(np.array([[x, y, w, h]], dtype=np.float64))
             if not keep.all():
                 raise DatasetError(f"{path}: query {k} ({name}) has an empty box after clipping")
             img_name = _with_ext(name)

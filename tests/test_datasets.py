@@ -242,19 +242,21 @@ def test_prw_splits(prw_root):
     gallery = build_dataset("PRW", str(prw_root), None, "gallery")
     query = build_dataset("PRW", str(prw_root), None, "query")
     assert [a["img_name"] for a in train.annotations] == ["c1s1_000001.jpg", "c2s1_000002.jpg"]
-    # negative x clipped to 0 (x2 = x + w kept); zero-width box dropped; float coords truncated
-    assert boxes_of(train) == [[[10, 20, 40, 80], [0, 10, 15, 50]], [[5, 5, 25, 45], [30, 10, 51, 50]]]
+    # x, y, w, h clipped at 0 BEFORE the conversion, as the original (x = -5, w = 20 gives
+    # [0, 20], not [0, 15]); zero-width box dropped; float coords truncated after the sum
+    assert boxes_of(train) == [[[10, 20, 40, 80], [0, 10, 20, 50]], [[5, 5, 25, 45], [30, 10, 51, 50]]]
     assert pids_of(train) == [[1, 5555], [932, 480]]  # raw pids kept, -2 -> 5555
     assert [a["cam_id"] for a in train.annotations] == [1, 2]
     assert train.pid_to_class == {1: 0, 480: 1, 932: 2} and train.num_classes == 3
     assert train[1][1]["labels"].tolist() == [3, 2]
     assert train[0][1]["labels"].tolist() == [1, 5555]
     # anno_previous alone is read; box_new wins over a stale anno_previous
-    assert boxes_of(gallery) == [[[10, 10, 30, 50]], [[1, 0, 21, 37], [30, 30, 40, 50]]]
+    assert boxes_of(gallery) == [[[10, 10, 30, 50]], [[1, 0, 21, 40], [30, 30, 40, 50]]]
     assert pids_of(gallery) == [[700], [700, 5555]]
     assert [a["cam_id"] for a in gallery.annotations] == [1, 3]
     assert gallery[1][1]["labels"].tolist() == [700, 5555]
-    # CRLF query file with float coordinates
+    # CRLF query file with float coordinates; query boxes are converted first, clipped after
+    # (the original's rule for query_info.txt: y = 0.5, h = 39.5 -> y2 = 40)
     assert [a["img_name"] for a in query.annotations] == ["c1s2_000003.jpg", "c3s1_000004.jpg"]
     assert boxes_of(query) == [[[10, 10, 30, 50]], [[1, 0, 21, 40]]]
     assert pids_of(query) == [[700], [700]] and [a["cam_id"] for a in query.annotations] == [1, 3]
@@ -439,3 +441,16 @@ def test_statistics(cuhk_root, prw_root):
     lines = table.splitlines()
     assert len(lines) == 4 and "images" in lines[0] and lines[2].startswith("CUHK-SYSU")
     assert lines[3].startswith("PRW")
+
+
+def test_prw_box_conversion_rules():
+    """Annotation boxes clip x, y, w, h at 0 and then convert; query boxes convert and then clip
+    (both as the original; the example is SPEC 3's)."""
+    from datasets.prw import annotation_boxes, query_boxes
+
+    xywh = np.array([[-3.0, 5.0, 36.0, 40.0], [10.0, -2.5, 20.9, 30.0]])
+    boxes, keep = annotation_boxes(xywh)
+    assert boxes.tolist() == [[0, 5, 36, 45], [10, 0, 30, 30]] and keep.all()
+    boxes, keep = query_boxes(xywh)
+    assert boxes.tolist() == [[0, 5, 33, 45], [10, 0, 30, 27]] and keep.all()
+    assert boxes.dtype == np.int32
