@@ -6,6 +6,7 @@ explicit loops, never with the helpers of the code under test.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,21 +347,23 @@ def test_select_iou_exact_at_high_group_index():
 # ----------------------------------------------------------------------------------------------
 
 
+def _grid(v, n, n_img):
+    """v / n_img * n in float32, the original's order of operations."""
+    return float(np.float32(v) / np.float32(n_img) * np.float32(n))
+
+
 def ref_masks(boxes_per_image, h, w, h_img, w_img):
-    """SPEC 6 masks with explicit loops over images, boxes and cells (clamp, then area)."""
+    """SPEC 6 masks with explicit loops over images, boxes and cells: the value of a box is
+    1 / its UNCLAMPED area, the cells it covers are clamped to the grid (the original's slicing)."""
     fgs, bgs = [], []
     for boxes in boxes_per_image:
         fg = [[0.0] * w for _ in range(h)]
         for x1, y1, x2, y2 in boxes:
-            c0 = max(math.floor(x1 * w / w_img), 0)
-            c1 = min(math.ceil(x2 * w / w_img), w - 1)
-            r0 = max(math.floor(y1 * h / h_img), 0)
-            r1 = min(math.ceil(y2 * h / h_img), h - 1)
-            if c0 > c1 or r0 > r1:
-                continue
+            c0, c1 = math.floor(_grid(x1, w, w_img)), math.ceil(_grid(x2, w, w_img))
+            r0, r1 = math.floor(_grid(y1, h, h_img)), math.ceil(_grid(y2, h, h_img))
             value = 1.0 / ((r1 - r0 + 1) * (c1 - c0 + 1))
-            for r in range(r0, r1 + 1):
-                for c in range(c0, c1 + 1):
+            for r in range(max(r0, 0), min(r1, h - 1) + 1):
+                for c in range(max(c0, 0), min(c1, w - 1) + 1):
                     fg[r][c] = max(fg[r][c], value)
         uncovered = sum(1 for r in range(h) for c in range(w) if fg[r][c] == 0)
         bg = [[(1.0 / uncovered if fg[r][c] == 0 else 0.0) for c in range(w)] for r in range(h)]
@@ -372,11 +375,12 @@ def ref_masks(boxes_per_image, h, w, h_img, w_img):
 # grid 6 x 8 on a 48 x 64 padded tensor (stride 8)
 HAND_BOXES = [
     [[9.0, 10.0, 30.0, 27.0],        # inside: cols 1..4, rows 1..4 -> 1/16
-     [50.0, 40.0, 64.0, 48.0]],      # border: cols 6..8 -> 6..7, rows 5..6 -> 5 -> 1/2
+     [50.0, 40.0, 64.0, 48.0]],      # border: cols 6..8, rows 5..6 -> 1/6 (unclamped area),
+                                     # covering cols 6..7, row 5 only
     [[0.0, 0.0, 40.0, 40.0],         # big: rows/cols 0..5 -> 1/36
      [16.0, 16.0, 24.0, 24.0]],      # small inside it: rows/cols 2..3 -> 1/4 (max)
     [],                              # no boxes: background everywhere
-    [[0.0, 0.0, 64.0, 48.0]],        # full cover: fg 1/48 (clamped area), bg zero
+    [[0.0, 0.0, 64.0, 48.0]],        # full cover: rows 0..6 x cols 0..8 -> 1/63, bg zero
 ]
 
 
@@ -395,11 +399,11 @@ def test_dfd_masks_hand_case():
     assert fg[0, 1, 1].item() == pytest.approx(1 / 16)
     assert fg[0, 4, 4].item() == pytest.approx(1 / 16)
     assert fg[0, 0, 1].item() == 0 and fg[0, 1, 5].item() == 0
-    assert fg[0, 5, 6].item() == pytest.approx(0.5) and fg[0, 5, 7].item() == pytest.approx(0.5)
+    assert fg[0, 5, 6].item() == pytest.approx(1 / 6) and fg[0, 5, 7].item() == pytest.approx(1 / 6)
     assert fg[1, 2, 3].item() == pytest.approx(0.25) and fg[1, 0, 0].item() == pytest.approx(1 / 36)
     assert fg[1, 5, 5].item() == pytest.approx(1 / 36) and fg[1, 5, 6].item() == 0
     assert (fg[2] == 0).all() and torch.allclose(bg[2], torch.full((6, 8), 1 / 48))
-    assert torch.allclose(fg[3], torch.full((6, 8), 1 / 48)) and (bg[3] == 0).all()
+    assert torch.allclose(fg[3], torch.full((6, 8), 1 / 63)) and (bg[3] == 0).all()
     # background of image 0: 48 - 16 - 2 uncovered cells
     assert bg[0, 0, 0].item() == pytest.approx(1 / 30) and bg[0, 2, 2].item() == 0
     assert bg.sum(dim=(1, 2)).tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])

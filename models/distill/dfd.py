@@ -10,22 +10,27 @@ Attention of a map F:
     A_ch[n, c]    = C   * softmax_{c}    ( mean_{h,w} |F[n, c, h, w]| / tau )   (N x C)
 
 Masks (`dfd_masks`): a ground-truth box (x1, y1, x2, y2) in pixels of the padded batch tensor
-of size (H_img, W_img) is mapped to the grid by x' = x * W / W_img, y' = y * H / H_img; it covers
-rows floor(y1')..ceil(y2') and columns floor(x1')..ceil(x2'), both ends included, clamped to the
-grid (rows 0..H-1, columns 0..W-1). Every covered cell gets 1 / (number of covered cells of that
-box) and overlapping boxes keep the maximum. M_bg = 1 on the cells no box covers, divided by
-their count (all zeros if every cell is covered).
+of size (H_img, W_img) is mapped to the grid by x' = x / W_img * W, y' = y / H_img * H (in the
+boxes' floating dtype, in that order of operations, as the original); it covers rows
+floor(y1')..ceil(y2') and columns floor(x1')..ceil(x2'), both ends included, clamped to the grid
+(rows 0..H-1, columns 0..W-1). Every covered cell gets
 
-    Clamping comes BEFORE the area: the area is the cell count of the clamped region. The value
-    1/area makes every box weigh 1 in total whatever its size; a box touching the right or
-    bottom edge of the padded tensor has ceil(x2') = W (one column past the grid), and counting
-    that non-existent column would under-weight every border box (the original, which sliced
-    the unclamped range, did exactly that). A box that lies entirely outside the grid covers
-    nothing.
+    1 / ((ceil(y2') - floor(y1') + 1) * (ceil(x2') - floor(x1') + 1))
+
+computed from the UNCLAMPED range, and overlapping boxes keep the maximum. M_bg = 1 on the cells
+no box covers, divided by their count (all zeros if every cell is covered).
+
+    The area is the original's, not the covered cell count: a box touching the right or bottom
+    edge of the padded tensor has ceil(x2') = W, one column past the grid, and that column
+    counts in its area although no cell of it exists (the original sliced the unclamped range,
+    and slicing past the end of a tensor stops at the end). Such a border box therefore gets a
+    slightly smaller per-cell value than a box of the same size inside the map. This weighting
+    defines the method's DFD term, so it is reproduced exactly (docs/FAITHFULNESS.md). A box
+    that lies entirely outside the grid covers nothing.
 
     Geometry: the original scaled boxes by the un-padded image size while the map covers the
     padded batch tensor; here boxes are mapped with the padded tensor size, i.e. by the level's
-    true stride, so the mask lies on the person.
+    true stride, so the mask lies on the person (SPEC 6 asks for this departure).
 
 Terms (sums over every entry, broadcast M (N,1,H,W), A_sp_t (N,1,H,W), A_ch_t (N,C,1,1)):
     fg        = sum( M_fg * A_sp_t * A_ch_t * (F_s - F_t)^2 ) / N
@@ -93,19 +98,21 @@ def dfd_masks(boxes: Sequence[Tensor], grid_size: tuple[int, int],
     if n_max == 0:
         fg = torch.zeros(n, h, w, dtype=dtype, device=device)
     else:
-        padded = pad_sequence(
-            [b.to(device=device, dtype=torch.float64) for b in boxes],
-            batch_first=True)  # N x B x 4
+        fdtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float32
+        padded = pad_sequence([b.to(device=device, dtype=fdtype) for b in boxes],
+                              batch_first=True)  # N x B x 4
         valid = torch.arange(n_max, device=device)[None, :] < counts[:, None]  # N x B
-        # Map to the grid: x' = x * W / W_img, y' = y * H / H_img (float64, same order of
-        # operations as the formula), then the inclusive integer range, clamped to the grid.
-        x_lo = torch.floor(padded[..., 0] * w / w_img).long().clamp(min=0)
-        y_lo = torch.floor(padded[..., 1] * h / h_img).long().clamp(min=0)
-        x_hi = torch.ceil(padded[..., 2] * w / w_img).long().clamp(max=w - 1)
-        y_hi = torch.ceil(padded[..., 3] * h / h_img).long().clamp(max=h - 1)
+        # Map to the grid as the original does: x / W_img * W, y / H_img * H (box dtype), then
+        # the inclusive integer range. The per-cell value comes from the unclamped range; only
+        # the covered cells are clamped to the grid.
+        x_lo = torch.floor(padded[..., 0] / w_img * w).long()
+        y_lo = torch.floor(padded[..., 1] / h_img * h).long()
+        x_hi = torch.ceil(padded[..., 2] / w_img * w).long()
+        y_hi = torch.ceil(padded[..., 3] / h_img * h).long()
+        value = 1.0 / (y_hi - y_lo + 1).clamp(min=1).to(dtype) / (x_hi - x_lo + 1).clamp(min=1).to(dtype)
+        x_lo, y_lo = x_lo.clamp(min=0), y_lo.clamp(min=0)
+        x_hi, y_hi = x_hi.clamp(max=w - 1), y_hi.clamp(max=h - 1)
         valid = valid & (x_lo <= x_hi) & (y_lo <= y_hi)
-        area = ((y_hi - y_lo + 1) * (x_hi - x_lo + 1)).clamp(min=1)
-        value = (1.0 / area.to(torch.float64)).to(dtype)  # N x B
         rows = torch.arange(h, device=device)
         cols = torch.arange(w, device=device)
         in_rows = (rows >= y_lo[..., None]) & (rows <= y_hi[..., None]) & valid[..., None]
