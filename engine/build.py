@@ -3,13 +3,16 @@
 The distinction between single-model and distillation runs lives here and only here:
 - single model (BASELINE.PROJECT): the trained module is the model itself;
 - distillation (DISTILLER.PROJECT): the trained module is a distiller holding the student, the
-  frozen teacher and DFD's learnable parts; evaluation and the demo use the student alone.
+  frozen teacher (loaded from DISTILLER.TEACHER.CKPT) and the configured distillation terms with
+  their learnable parts; evaluation and the demo use the student alone.
+Every checkpoint loaded for a run is loaded here: the evaluated model, the teacher.
 """
-import torch
+import os
 
 from configs import is_distillation, model_cfg_for_role
 from models import build_model
 from models.checkpoint import CheckpointMismatchError, load_checkpoint_file, load_model_weights
+from models.distill import Distiller, build_terms, term_names
 
 OIM_TABLES = "roi_heads.reid_loss."
 
@@ -57,11 +60,45 @@ def build_eval_model(cfg, ckpt_path, device, log=print):
     return model, {"role": role, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
 
 
+def build_teacher(cfg, log=print):
+    """Build DISTILLER.TEACHER and load DISTILLER.TEACHER.CKPT strictly and completely (its OIM
+    tables included: CD scores people with them)."""
+    path = cfg.DISTILLER.TEACHER.CKPT
+    if not path:
+        raise ValueError("DISTILLER.TEACHER.CKPT is empty: distillation needs the teacher's checkpoint "
+                         "(set it in the config or on the command line: DISTILLER.TEACHER.CKPT path/epoch_19.pth)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint not found: {path} (DISTILLER.TEACHER.CKPT)")
+    teacher = build_model(without_imagenet_weights(cfg, "teacher"), role="teacher")
+    ckpt = load_checkpoint_file(path)
+    try:
+        load_model_weights(teacher, ckpt)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(
+            f"the teacher checkpoint {path} does not fit DISTILLER.TEACHER "
+            f"({cfg.DISTILLER.TEACHER.BACKBONE_NAME}, LUT_SIZE {cfg.MODEL.LOSS.LUT_SIZE}): {err}",
+            err.missing, err.unexpected, err.mismatched,
+        ) from None
+    log(f"teacher {cfg.DISTILLER.TEACHER.BACKBONE_NAME} loaded from {path}")
+    return teacher
+
+
+def build_distiller(cfg, log=print):
+    """The distiller of a distillation config: student, teacher and the configured terms."""
+    names = term_names(cfg)  # an unknown method stops here, before any model is built
+    student = build_model(cfg, role="student")
+    if not names:
+        log("distillation config without distillation terms: the student trains alone")
+        return Distiller(student, None, {})
+    teacher = build_teacher(cfg, log)
+    terms = build_terms(cfg, names, student.backbone.out_channels, teacher.backbone.out_channels)
+    log(f"distillation terms: {', '.join(names)}")
+    return Distiller(student, teacher, terms)
+
+
 def build_train_module(cfg, device, log=print):
     """(module to train, model to evaluate): the model itself, or the distiller and its student."""
     if is_distillation(cfg):
-        from models.distill.distiller import build_distiller
-
         distiller = build_distiller(cfg, log=log).to(device)
         return distiller, distiller.student
     model = build_model(cfg, role="baseline").to(device)

@@ -23,7 +23,7 @@ from engine.inference import run_inference
 from engine.schedule import build_lr_scheduler, build_optimizer
 from engine.trainer import Trainer, restore_training_state
 from models import build_model
-from models.distill.distiller import DDPSDistiller
+from models.distill import Distiller, build_terms, known_terms
 from tests.helpers import small_cfg
 from utils.misc import set_seed
 
@@ -81,21 +81,25 @@ def test_bf16_training_step_and_inference_on_cpu(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddps_terms_are_float32_under_bf16(synthetic_root, tmp_path):
+def test_every_distillation_term_is_float32_under_bf16(synthetic_root, tmp_path):
     cfg = small_cfg(synthetic_root, "CUHK-SYSU", tmp_path, BASELINE__PROJECT=False, DISTILLER__PROJECT=True,
                     DISTILLER__TEACHER__BACKBONE_NAME="resnet18_x05", DISTILLER__TEACHER__BACKBONE_PRETRAIN=False,
                     DISTILLER__STUDENT__BACKBONE_NAME="resnet18_x05", DISTILLER__STUDENT__BACKBONE_PRETRAIN=False)
     set_seed(cfg.SEED)
-    distiller = DDPSDistiller(build_model(cfg, "student"), build_model(cfg, "teacher"), cfg).train()
+    student, teacher = build_model(cfg, "student"), build_model(cfg, "teacher")
+    names = known_terms()  # every registered method at once
+    terms = build_terms(cfg, names, student.backbone.out_channels, teacher.backbone.out_channels)
+    distiller = Distiller(student, teacher, terms).train()
     images, targets = next(iter(build_train_loader(cfg)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = distiller(list(images), list(targets))
-    assert {"loss_dfd", "loss_ld", "loss_cd"} <= set(losses)
+    assert {"loss_fgd_fpn_layer_0", "loss_ld", "loss_cd"} <= set(losses)
     for k, v in losses.items():
         assert v.dtype == torch.float32 and torch.isfinite(v), (k, v)
     sum(losses.values()).backward()
-    grads = [p.grad for p in distiller.fgd.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)
+    for name in names:
+        grads = [p.grad for p in distiller.terms[name].parameters() if p.grad is not None]
+        assert all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads), name
 
 
 def test_dfd_ld_cd_compute_in_float32_under_autocast():

@@ -284,7 +284,7 @@ def test_two_process_ddps_distillation(synthetic_root, tmp_path):
     assert done == ["eval_rank0_epoch0", "saved_rank0_epoch_0.pth"]
     states = _load_states(markers, 0)
     _check_identical_ranks(states)  # the student's tables and every trained weight (student + DFD)
-    assert any(k.startswith("fgd.") for k in states[0]["params"])
+    assert any(k.startswith("terms.dfd.") for k in states[0]["params"])
     teacher_state = teacher.state_dict()
     for k, v in states[0]["params"].items():  # the frozen teacher did not move
         if k.startswith("teacher."):

@@ -18,7 +18,7 @@ FROZENBN2d as in each config), random weights and synthetic inputs, it measures:
   CUDA timings with torch.cuda.synchronize);
 - training step time of each model alone (forward + backward + gradient clipping + SGD step on
   a batch of B synthetic images with a few random person boxes, labels within the OIM table);
-- the DDPS step of each student with a freshly built resnet50 teacher (DDPSDistiller from the
+- the DDPS step of each student with a freshly built resnet50 teacher (the Distiller of the
   ddps.yaml config, no checkpoint), next to the student's own step (the same student module)
   and the teacher's forward alone (no grad, on the student's transformed batch: the calls the
   distiller makes: extract_features, roi_heads.proposal_logits, roi_heads.box_embeddings);
@@ -402,57 +402,71 @@ def train_report(model, cfg, size, batch, device, warmup, repeats, seed):
 
 
 # ------------------------------------------------------------------------------------ DDPS
-def teacher_forward_fn(teacher, rec):
-    """What the distiller asks of the teacher, without gradients, on the student's batch."""
-    sizes = rec.images.image_sizes
+def teacher_forward_fn(distiller, rec):
+    """What the distiller asks of the teacher, without gradients, on the student's batch: the
+    outputs its terms declare (for DDPS: FPN maps, proposal logits, box embeddings, OIM logits)."""
+    from models.distill import teacher_outputs
 
     def run():
-        with torch.no_grad():
-            feats = teacher.extract_features(rec.images.tensors)
-            teacher.roi_heads.proposal_logits(feats, rec.proposals, sizes)
-            teacher.roi_heads.box_embeddings(feats, rec.reid_boxes, sizes)
+        teacher_outputs(distiller.teacher, rec, distiller.teacher_needs)
 
     return run
 
 
+def _detached_record(rec):
+    """The record with the student tensors the terms read detached and requiring grad, so that
+    a term's backward runs its own graph only."""
+    def leaf(t):
+        return t.detach().requires_grad_(True)
+
+    feats = type(rec.features)((k, leaf(v)) for k, v in rec.features.items())
+    return dataclasses.replace(rec, features=feats, proposal_logits=leaf(rec.proposal_logits),
+                               embeddings=leaf(rec.embeddings))
+
+
 def component_report(distiller, rec, device, warmup, repeats):
     """Forward + backward of each distillation term alone, on a recorded batch (detached student
-    tensors that require grad, so that only the term's own graph is run backwards)."""
+    tensors that require grad, so that only the term's own graph is run backwards), and for DFD
+    the parts of its first level."""
+    from models.distill import FPN_LEVELS, teacher_outputs
     from models.distill.dfd import dfd_attention, dfd_masks
-    from models.distill.distiller import FPN_LEVELS, dfd_name
-    from models.distill.ld import ld_loss
 
-    teacher = distiller.teacher
-    sizes = rec.images.image_sizes
-    with torch.no_grad():
-        t_feats = teacher.extract_features(rec.images.tensors)
-        t_logits = teacher.roi_heads.proposal_logits(t_feats, rec.proposals, sizes)
-        t_emb = teacher.roi_heads.box_embeddings(t_feats, rec.reid_boxes, sizes)
-    gt_boxes = [t["boxes"] for t in rec.targets]
-    padded = tuple(rec.images.tensors.shape[-2:])
+    t_out = teacher_outputs(distiller.teacher, rec, distiller.teacher_needs)
     comps = {}
 
     def measure(key, fn):
         comps[key] = repeat_timed(fn, device, warmup, repeats)
 
-    if distiller.use_dfd:
-        for level in FPN_LEVELS:
-            module = distiller.fgd[dfd_name(level)]
-            feat_s = rec.features[level].detach().requires_grad_(True)
+    gt_boxes = [t["boxes"] for t in rec.targets]
+    padded = tuple(rec.images.tensors.shape[-2:])
+    for name, term in distiller.terms.items():
+        if name == "dfd":  # one entry per FPN level
+            for level in FPN_LEVELS:
+                module = term.levels[term.loss_name(level)]
+                feat_s = rec.features[level].detach().requires_grad_(True)
 
-            def dfd_step(module=module, feat_s=feat_s, level=level):
-                module(feat_s, t_feats[level], gt_boxes, padded).backward()
+                def dfd_step(module=module, feat_s=feat_s, level=level):
+                    module(feat_s, t_out.features[level], gt_boxes, padded).backward()
 
-            measure(f"DFD level {level} (fwd+bwd)", dfd_step)
-        level = FPN_LEVELS[0]
-        feat_t = t_feats[level]
+                measure(f"DFD level {level} (fwd+bwd)", dfd_step)
+            continue
+
+        def step(term=term):
+            sum(term(_detached_record(rec), t_out).values()).backward()
+
+        label = {"cd": "CD: selection + loss"}.get(name, name.upper())
+        measure(f"{label} (fwd+bwd)", step)
+    if "dfd" in distiller.terms:
+        term = distiller.terms["dfd"]
+        level = "0"
+        module = term.levels[term.loss_name(level)]
+        feat_t = t_out.features[level]
         grid = tuple(feat_t.shape[-2:])
-        measure(f"  level {level}: person/background masks",
+        measure(f"  DFD level {level}: person/background masks",
                 lambda: dfd_masks(gt_boxes, grid, padded, device=feat_t.device, dtype=torch.float32))
-        measure(f"  level {level}: attention maps (student + teacher, fwd)",
-                lambda: (dfd_attention(rec.features[level].detach(), distiller.fgd[dfd_name(level)].temp),
-                         dfd_attention(feat_t, distiller.fgd[dfd_name(level)].temp)))
-        module = distiller.fgd[dfd_name(level)]
+        measure(f"  DFD level {level}: attention maps (student + teacher, fwd)",
+                lambda: (dfd_attention(rec.features[level].detach(), module.temp),
+                         dfd_attention(feat_t, module.temp)))
         feat_s = rec.features[level].detach().requires_grad_(True)
 
         def context_step():
@@ -461,26 +475,18 @@ def component_report(distiller, rec, device, warmup, repeats):
             (out_s - out_t).pow(2).sum().backward()
 
         if hasattr(module, "_global_context"):  # an internal of dfd.py: skipped if it changes
-            measure(f"  level {level}: context blocks + global term (fwd+bwd)", context_step)
-    if distiller.use_ld:
-        labels = torch.cat(rec.proposal_labels)
-        logits_s = rec.proposal_logits.detach().requires_grad_(True)
-        measure("LD (fwd+bwd)", lambda: ld_loss(logits_s, t_logits, labels, **distiller.ld_args).backward())
-    if distiller.use_cd and hasattr(distiller, "_cd"):
-        emb_s = rec.embeddings.detach().requires_grad_(True)
-        rec_cd = dataclasses.replace(rec, embeddings=emb_s)
-        measure("CD: OIM logits + selection + loss (fwd+bwd)", lambda: distiller._cd(rec_cd, t_emb).backward())
+            measure(f"  DFD level {level}: context blocks + global term (fwd+bwd)", context_step)
+    sizes_note = {}
+    if "cd" in distiller.terms:
         fg = torch.nonzero(torch.cat(rec.reid_labels) > 0).squeeze(1)
-        oim = teacher.roi_heads.reid_loss
+        oim = distiller.teacher.roi_heads.reid_loss
 
         def oim_probs():
             with torch.no_grad():
-                torch.softmax(oim.logits(t_emb[fg]).float(), dim=1)
+                torch.softmax(oim.logits(t_out.box_embeddings[fg]).float(), dim=1)
 
         measure("  CD: teacher OIM logits + softmax", oim_probs)
         sizes_note = {"cd_boxes": int(len(fg)), "oim_columns": int(oim.lut.shape[0] + oim.cq.shape[0])}
-    else:
-        sizes_note = {}
     for p in distiller.parameters():
         p.grad = None
     return ({k: v["median_s"] for k, v in comps.items()}, {k: v["cpu_median_s"] for k, v in comps.items()},
@@ -490,8 +496,7 @@ def component_report(distiller, rec, device, warmup, repeats):
 @contextlib.contextmanager
 def profiler_labels(distiller):
     """Label the student's parts, the teacher's calls and the distillation terms for torch.profiler
-    (module hooks and temporary wrappers of the functions the distiller calls; all undone)."""
-    import models.distill.distiller as dist_mod
+    (module hooks and temporary wrappers of the teacher's methods the distiller calls; all undone)."""
     from torch.autograd.profiler import record_function
 
     handles, restore = [], []
@@ -520,18 +525,14 @@ def profiler_labels(distiller):
     hook(student.backbone, "student: backbone + FPN")
     hook(student.rpn, "student: RPN")
     hook(student.roi_heads, "student: RoI heads")
-    for name, module in distiller.fgd.items():
-        hook(module, f"DFD {name}")
+    for name, term in distiller.terms.items():
+        hook(term, f"{name.upper()} term")
     for obj, attr, label in ((teacher, "extract_features", "teacher: backbone + FPN"),
                              (teacher.roi_heads, "proposal_logits", "teacher: proposal logits"),
                              (teacher.roi_heads, "box_embeddings", "teacher: box embeddings"),
                              (teacher.roi_heads.reid_loss, "logits", "teacher: OIM logits (CD)")):
         setattr(obj, attr, wrap(getattr(obj, attr), label))
         restore.append((obj, attr))
-    saved = {n: getattr(dist_mod, n) for n in ("ld_loss", "cd_loss", "select_cd_persons")}
-    labels = {"ld_loss": "LD", "cd_loss": "CD loss", "select_cd_persons": "CD selection"}
-    for n, fn in saved.items():
-        setattr(dist_mod, n, wrap(fn, labels[n]))
     try:
         yield
     finally:
@@ -539,8 +540,6 @@ def profiler_labels(distiller):
             h.remove()
         for obj, attr in restore:
             delattr(obj, attr)  # back to the class's method
-        for n, fn in saved.items():
-            setattr(dist_mod, n, fn)
 
 
 def profile_steps(distiller, steps, device, top=15):
@@ -576,12 +575,13 @@ def profile_steps(distiller, steps, device, top=15):
 
 
 def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick, profile):
-    from models.distill.distiller import DDPSDistiller
+    from models.distill import Distiller, build_terms, term_names
 
     cfg = ddps_cfg(student_name, size, quick)
     teacher = build(cfg, "teacher", device, seed)
     student = build(cfg, "student", device, seed + 1)
-    distiller = DDPSDistiller(student, teacher, cfg).to(device)
+    terms = build_terms(cfg, term_names(cfg), student.backbone.out_channels, teacher.backbone.out_channels)
+    distiller = Distiller(student, teacher, terms).to(device)
     distiller.train()
     images, targets = synthetic_batch(batch, size, int(cfg.MODEL.LOSS.LUT_SIZE), device, seed)
     optimizer = make_optimizer(cfg, distiller)  # student + DFD parts (the teacher is frozen)
@@ -589,7 +589,7 @@ def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick,
     ddps_step = make_step(distiller, optimizer, cfg, images, targets)
     with torch.no_grad():
         _, rec = student.forward_train(images, targets)
-    teacher_fwd = teacher_forward_fn(teacher, rec)
+    teacher_fwd = teacher_forward_fn(distiller, rec)
 
     fns = {"student_step": student_step, "teacher_forward": teacher_fwd, "ddps_step": ddps_step}
     for _ in range(warmup):

@@ -1,27 +1,71 @@
-"""DDPS distillation terms (SPEC 6, 10).
+"""Distillation: the terms of DDPS and of the methods it is compared with, and the distiller.
 
-- `DFDLoss` (dfd.py): disaggregation feature distillation of one FPN level, with the helpers
-  `dfd_masks` (person/background masks) and `dfd_attention` (spatial/channel attention);
-- `ld_loss` (ld.py): logit distillation, decoupled KD on the first-stage logits
-  (`tckd_nckd` gives the two unweighted parts);
-- `cd_loss` (cd.py): correlation distillation of person embeddings, with the person selection
-  `select_cd_persons` and its scores `oim_scores`.
+Each term is one module, registered under a name (``registry.register_term``), with its own
+learnable parts; the ``Distiller`` runs the configured ones (``DISTILLER.TERMS``, or the
+original's ``DISTILLER.TYPE``). Importing a term's module is what registers it: the imports
+below are the registry's entries.
 
-The distiller that wires these terms to the teacher and student models lives elsewhere.
+- ``dfd``: DFD, disaggregation feature distillation (``DFDLoss`` of one FPN level, with
+  ``dfd_masks`` and ``dfd_attention``);
+- ``ld``: LD, decoupled KD on the first-stage logits (``ld_loss``, ``tckd_nckd``);
+- ``cd``: CD, correlation distillation of person embeddings (``cd_loss``, ``select_cd_persons``,
+  ``oim_scores``);
+- ``pkd``: PKD, Pearson-correlation distillation of the FPN maps (``pkd_loss``);
+- ``reviewkd``: ReviewKD, attention-based fusion of the student's FPN maps and the HCL loss
+  (``ABF``, ``hcl_loss``);
+- ``cwd``: CWD, channel-wise distillation of the FPN maps (``cwd_loss``);
+- ``mgd``: MGD, masked generative distillation of the FPN maps (``mgd_loss``, ``random_spatial_mask``).
+
+Adding a method: docs/ARCHITECTURE.md, "Adding a distillation method".
 """
 
-from .cd import UNLABELED_PID, cd_loss, oim_scores, select_cd_persons
-from .dfd import DFDLoss, dfd_attention, dfd_masks
-from .ld import ld_loss, tckd_nckd
+from . import registry
+from .base import ALL_FPN_LEVELS, FPN_LEVELS, TEACHER_OUTPUTS, DistillTerm, TeacherOutputs, teacher_outputs
+from .cd import UNLABELED_PID, CDTerm, cd_loss, oim_scores, select_cd_persons
+from .cwd import CWDTerm, cwd_loss
+from .dfd import DFDLoss, DFDTerm, dfd_attention, dfd_masks
+from .distiller import Distiller
+from .ld import LDTerm, ld_loss, tckd_nckd
+from .mgd import MGDTerm, mgd_loss, random_spatial_mask
+from .pkd import PKDTerm, pkd_loss
+from .reviewkd import ABF, ReviewKDTerm, hcl_loss
+from .registry import LEGACY_TYPES, TERMS, build_terms, known_terms, register_term, term_names
 
 __all__ = [
+    "ABF",
+    "ALL_FPN_LEVELS",
+    "CDTerm",
+    "CWDTerm",
     "DFDLoss",
+    "DFDTerm",
+    "Distiller",
+    "DistillTerm",
+    "FPN_LEVELS",
+    "LDTerm",
+    "LEGACY_TYPES",
+    "MGDTerm",
+    "PKDTerm",
+    "ReviewKDTerm",
+    "TEACHER_OUTPUTS",
+    "TERMS",
+    "TeacherOutputs",
     "UNLABELED_PID",
+    "build_terms",
     "cd_loss",
+    "cwd_loss",
     "dfd_attention",
     "dfd_masks",
+    "hcl_loss",
+    "known_terms",
     "ld_loss",
+    "mgd_loss",
     "oim_scores",
+    "pkd_loss",
+    "random_spatial_mask",
+    "register_term",
+    "registry",
     "select_cd_persons",
     "tckd_nckd",
+    "teacher_outputs",
+    "term_names",
 ]

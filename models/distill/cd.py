@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-__all__ = ["UNLABELED_PID", "cd_loss", "oim_scores", "select_cd_persons"]
+from .base import DistillTerm
+from .registry import register_term
+
+__all__ = ["CDTerm", "UNLABELED_PID", "cd_loss", "oim_scores", "select_cd_persons"]
 
 # Person id of unlabeled people in the training targets (equal to datasets.UNLABELED_PID).
 UNLABELED_PID = 5555
@@ -182,3 +185,40 @@ def select_cd_persons(boxes: TensorOrList, pids: TensorOrList, oim_probs: Tensor
         _, groups = torch.unique(group_key, return_inverse=True)  # dense 0..G-1
         keep = batched_nms(b[idx], scores[idx].double(), groups, nms_thresh)
         return torch.sort(idx[keep]).values
+
+
+@register_term("cd")
+class CDTerm(DistillTerm):
+    """DDPS's CD: among the student's second-stage boxes with a person id, the ones
+    `select_cd_persons` keeps (scored by the teacher's OIM softmax, per-image per-id NMS at
+    GRAPHRELA.NMSTHRES), the student's similarity matrix of their embeddings is pulled to the
+    teacher's. Loss name: loss_cd = GRAPHRELA.WEIGHT * cd_loss. The table size is the configured
+    MODEL.LOSS.LUT_SIZE (the original hard-coded PRW's 482)."""
+
+    needs = frozenset({"box_embeddings", "oim_logits"})
+
+    def __init__(self, lut_size: int, nms_thresh: float = 0.7, weight: float = 0.01):
+        super().__init__()
+        self.lut_size = int(lut_size)
+        self.nms_thresh = float(nms_thresh)
+        self.weight = float(weight)
+
+    @classmethod
+    def from_config(cls, cfg, student_channels, teacher_channels):
+        g = cfg.GRAPHRELA
+        return cls(cfg.MODEL.LOSS.LUT_SIZE, nms_thresh=g.NMSTHRES, weight=g.WEIGHT)
+
+    def forward(self, student, teacher):
+        labels = torch.cat(student.reid_labels)
+        counts = torch.tensor([len(b) for b in student.reid_boxes], device=labels.device)
+        image_ids = torch.repeat_interleave(torch.arange(len(counts), device=labels.device), counts)
+        fg = torch.nonzero(labels > 0).squeeze(1)
+        with torch.no_grad():
+            probs = torch.softmax(teacher.oim_logits.float(), dim=1)
+            keep = select_cd_persons(torch.cat(student.reid_boxes)[fg], labels[fg], probs, self.lut_size,
+                                     nms_thresh=self.nms_thresh, image_ids=image_ids[fg])
+        chosen = fg[keep]
+        return {"loss_cd": self.weight * cd_loss(student.embeddings[chosen], teacher.box_embeddings[chosen])}
+
+    def extra_repr(self) -> str:
+        return f"lut_size={self.lut_size}, nms_thresh={self.nms_thresh}, weight={self.weight}"

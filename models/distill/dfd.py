@@ -63,7 +63,12 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-__all__ = ["DFDLoss", "dfd_attention", "dfd_masks"]
+from models.checkpoint import CheckpointMismatchError
+
+from .base import FPN_LEVELS, DistillTerm
+from .registry import register_term
+
+__all__ = ["DFDLoss", "DFDTerm", "dfd_attention", "dfd_masks"]
 
 
 def dfd_attention(feat: Tensor, temp: float) -> tuple[Tensor, Tensor]:
@@ -244,3 +249,55 @@ class DFDLoss(nn.Module):
         return (f"channels={self.channels}, student_channels={self.student_channels}, "
                 f"temp={self.temp}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
                 f"lam={self.lam}")
+
+
+@register_term("dfd")
+class DFDTerm(DistillTerm):
+    """DDPS's DFD on the four FPN outputs '0'..'3' (the outputs of fpn.layer_blocks.0-3), one
+    ``DFDLoss`` per level. Each level's loss and its parts in a checkpoint's "fgd" entry are named
+    as in the original, ``loss_fgd_fpn_layer_{i}``, so the original's {"student", "fgd"} layout is
+    kept. Config: FGD.* (FGD.WEIGHT multiplies every level's loss)."""
+
+    needs = frozenset({"features"})
+    checkpoint_key = "fgd"
+
+    def __init__(self, levels: "dict[str, DFDLoss]", weight: float = 1.0):
+        super().__init__()
+        self.levels = nn.ModuleDict(levels)
+        self.weight = float(weight)
+
+    @staticmethod
+    def loss_name(level: str) -> str:
+        return f"loss_fgd_fpn_layer_{level}"
+
+    @classmethod
+    def from_config(cls, cfg, student_channels, teacher_channels):
+        f = cfg.FGD
+        levels = {}
+        for i, level in enumerate(FPN_LEVELS):
+            t_ch, s_ch = int(f.TEACHER_CHANNELS[i]), int(f.STUDENT_CHANNELS[i])
+            if (s_ch, t_ch) != (student_channels, teacher_channels):
+                raise ValueError(
+                    f"FGD.STUDENT_CHANNELS[{i}] / FGD.TEACHER_CHANNELS[{i}] are {s_ch} / {t_ch} but the "
+                    f"student's and the teacher's FPN maps have {student_channels} / {teacher_channels} channels")
+            levels[cls.loss_name(level)] = DFDLoss(t_ch, temp=f.TEMP, alpha=f.ALPHA_FGD, beta=f.BATE_FGD,
+                                                   gamma=f.GAMMA_FGD, lam=f.LAMBDA_FGD, student_channels=s_ch)
+        return cls(levels, weight=f.WEIGHT)
+
+    def forward(self, student, teacher):
+        boxes = [t["boxes"] for t in student.targets]
+        padded_size = tuple(student.images.tensors.shape[-2:])
+        return {self.loss_name(level): self.weight * self.levels[self.loss_name(level)](
+                    student.features[level], teacher.features[level], boxes, padded_size)
+                for level in FPN_LEVELS}
+
+    def checkpoint_state(self):
+        return {name: module.state_dict() for name, module in self.levels.items()}
+
+    def load_checkpoint_state(self, state):
+        if set(state) != set(self.levels):
+            raise CheckpointMismatchError(
+                f"DFD parts in the checkpoint {sorted(state)} differ from this config's {sorted(self.levels)}",
+                missing=sorted(set(self.levels) - set(state)), unexpected=sorted(set(state) - set(self.levels)))
+        for name, module in self.levels.items():
+            module.load_state_dict(state[name], strict=True)

@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ld_loss", "tckd_nckd"]
+from .base import DistillTerm
+from .registry import register_term
+
+__all__ = ["LDTerm", "ld_loss", "tckd_nckd"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -109,3 +112,31 @@ def ld_loss(logits_s: Tensor, logits_t: Tensor, labels: Tensor, alpha: float = 1
     """
     tckd, nckd = tckd_nckd(logits_s, logits_t, labels, temperature)
     return alpha * tckd + beta * nckd
+
+
+@register_term("ld")
+class LDTerm(DistillTerm):
+    """DDPS's LD: decoupled KD between the student's first-stage logits on its sampled proposals
+    and the teacher's logits on the same proposals, target = their 0/1 labels. Config: DKD.ALPHA,
+    DKD.BETA, DKD.T, and DKD.WEIGHT multiplying the term. Loss name: loss_ld."""
+
+    needs = frozenset({"proposal_logits"})
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, temperature: float = 4.0, weight: float = 1.0):
+        super().__init__()
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.weight = float(weight)
+
+    @classmethod
+    def from_config(cls, cfg, student_channels, teacher_channels):
+        d = cfg.DKD
+        return cls(alpha=d.ALPHA, beta=d.BETA, temperature=d.T, weight=d.WEIGHT)
+
+    def forward(self, student, teacher):
+        labels = torch.cat(student.proposal_labels)
+        loss = ld_loss(student.proposal_logits, teacher.proposal_logits, labels,
+                       alpha=self.alpha, beta=self.beta, temperature=self.temperature)
+        return {"loss_ld": self.weight * loss}
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, weight={self.weight}"
