@@ -8,6 +8,15 @@ that errors name the offending key and where it came from, and so that values ar
 - tuples become (nested) lists, the form every sequence default has and the form yacs dumps;
 - an int may stand for a float, an integral float for an int, "true"/"false" for a bool;
 - keys in ``defaults.UNTYPED_KEYS`` (legacy keys of unknown original type) take any value.
+
+Inheritance (as in detectron2): a YAML file may name, in a top-level key ``_BASE_``, one file or a
+list of files, relative to its own folder (or absolute). The bases are read first, in list order,
+each with its own bases before it (recursively); the file's own keys are merged over them. Merging
+is per key: sections merge, a value replaces a value. A file inherited in a cycle or a base that
+does not exist is a ``ConfigError`` naming the files. Errors about a key name the file the key was
+written in (a base file, if it came from there). ``_BASE_`` is not a config key: a loaded (and
+dumped) config holds the merged result only, so an original ``config.yaml`` dump (which has no
+``_BASE_``) loads exactly as before.
 """
 
 import difflib
@@ -27,6 +36,9 @@ __all__ = [
     "PROJECT_KEYS",
     "get_default_cfg",
     "load_config",
+    "config_layers",
+    "BASE_KEY",
+    "register_validator",
     "merge_dict",
     "merge_opts",
     "dump_config",
@@ -35,6 +47,9 @@ __all__ = [
 ]
 
 COMMAND_LINE = "the command line"
+
+# The top-level key of a config file that names the file(s) it inherits from.
+BASE_KEY = "_BASE_"
 
 _ROLE_PATHS = {
     "baseline": ("BASELINE",),
@@ -136,6 +151,10 @@ def merge_dict(cfg, data, source, _prefix=""):
             source, " under " + _prefix.rstrip(".") if _prefix else "", _describe(data)))
     for key, value in data.items():
         full_key = _prefix + str(key)
+        if key == BASE_KEY:
+            raise ConfigError(
+                "{} in {}: {} names the file(s) a config file inherits from; it is read by "
+                "load_config at the top level of a file only".format(full_key, source, BASE_KEY))
         if key not in cfg:
             raise _unknown_key(full_key, key, cfg, _prefix, source)
         default = cfg[key]
@@ -189,6 +208,62 @@ def _read_yaml(path):
     return {} if data is None else data
 
 
+def _file_source(path, child=None):
+    if child is None:
+        return "config file {}".format(path)
+    return "config file {} ({} of {})".format(path, BASE_KEY, child)
+
+
+def _base_paths(path, data, source):
+    """The files named by the ``_BASE_`` key of ``data`` (read from ``path``), resolved."""
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError("{} in {} must be a file name or a list of file names, got {}".format(
+            BASE_KEY, source, _describe(bases)))
+    folder = os.path.dirname(path)
+    paths = []
+    for base in bases:
+        joined = os.path.join(folder, os.path.expanduser(base))
+        tidy = os.path.normpath(joined)  # "a/b/../c" -> "a/c", unless a symbolic link says otherwise
+        paths.append(tidy if os.path.realpath(tidy) == os.path.realpath(joined) else joined)
+    return paths
+
+
+def _collect_layers(path, child, chain, layers):
+    source = _file_source(path, child)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError("{}: expected a mapping of config keys, got {}".format(
+            source, _describe(data)))
+    data = dict(data)
+    real = os.path.realpath(path)
+    chain = chain + [(real, path)]
+    for base in _base_paths(path, data, source):
+        if not os.path.isfile(base):
+            raise ConfigError("{}: its {} file {} does not exist".format(source, BASE_KEY, base))
+        base_real = os.path.realpath(base)
+        if any(base_real == r for r, _ in chain):
+            start = [r for r, _ in chain].index(base_real)
+            cycle = [p for _, p in chain[start:]] + [base]
+            raise ConfigError("config files inherit from each other in a cycle ({}): {}".format(
+                BASE_KEY, " -> ".join(cycle)))
+        _collect_layers(base, path, chain, layers)
+    layers.append((path, source, data))
+
+
+def config_layers(cfg_file):
+    """The YAML layers ``load_config`` merges for ``cfg_file``, in merge order: a list of
+    ``(path, description, data)``, the bases first (each after its own bases), ``cfg_file``'s own
+    keys last; ``data`` is the file's mapping without ``_BASE_``."""
+    layers = []
+    _collect_layers(os.fspath(cfg_file), None, [], layers)
+    return layers
+
+
 def _check_choices(cfg):
     for full_key, allowed in CHOICES.items():
         node = cfg
@@ -199,20 +274,44 @@ def _check_choices(cfg):
                 full_key, node, ", ".join(repr(a) for a in allowed)))
 
 
+_VALIDATORS = []
+
+
+def register_validator(check):
+    """Run ``check(cfg)`` on every config ``load_config`` returns; a ValueError it raises becomes
+    a ConfigError. Layers above the configs register the checks that need their knowledge (the
+    distillation package checks DISTILLER.TERMS against its registry), so that a bad value stops
+    at load time, before any expensive work."""
+    if check not in _VALIDATORS:
+        _VALIDATORS.append(check)
+    return check
+
+
 def load_config(cfg_file=None, opts=(), freeze=True):
-    """Defaults <- ``cfg_file`` (YAML) <- ``opts`` (KEY VALUE list as on a command line)."""
+    """Defaults <- ``cfg_file`` (YAML, with its ``_BASE_`` files first) <- ``opts`` (KEY VALUE
+    list as on a command line)."""
     cfg = get_default_cfg()
+    source = COMMAND_LINE
     if cfg_file is not None:
-        merge_dict(cfg, _read_yaml(cfg_file), "config file {}".format(os.fspath(cfg_file)))
+        source = _file_source(os.fspath(cfg_file))
+        for _, layer_source, data in config_layers(cfg_file):
+            merge_dict(cfg, data, layer_source)
     merge_opts(cfg, opts or ())
     _check_choices(cfg)
+    for check in _VALIDATORS:
+        try:
+            check(cfg)
+        except ValueError as err:
+            where = source + (" and the command line" if cfg_file is not None and opts else "")
+            raise ConfigError("{} (from {})".format(err, where)) from None
     if freeze:
         cfg.freeze()
     return cfg
 
 
 def dump_config(cfg, path):
-    """Write ``cfg`` as YAML to ``path`` atomically (temporary file + os.replace)."""
+    """Write ``cfg`` as YAML to ``path`` atomically (temporary file + os.replace). The file holds
+    every key of the merged config and no ``_BASE_``: it loads alone, wherever it is copied."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

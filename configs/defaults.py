@@ -145,7 +145,17 @@ _C.MODEL.LOSS.OIM_MOMENTUM = 0.5
 _C.MODEL.LOSS.OIM_SCALAR = 30.0
 
 
-def _backbone_node(name, pretrained_flag=None, with_ckpt=False):
+# The original's values of the legacy channel keys (read by nothing): a ResNet-50's for the
+# single model and the teacher, a ResNet-18's for the student.
+_LEGACY_WIDTHS = {
+    "resnet50": dict(BACKBONE_OUTCHANNEL=1024, RES5HEAD_OUTCHANNEL=[1024, 2048], FASTERHEAD_INCHANNEL=2048,
+                     BBOXREG_INCHANNEL=2048, NAE_INCHANNEL=[1024, 2048]),
+    "resnet18": dict(BACKBONE_OUTCHANNEL=256, RES5HEAD_OUTCHANNEL=[256, 512], FASTERHEAD_INCHANNEL=512,
+                     BBOXREG_INCHANNEL=512, NAE_INCHANNEL=[256, 512]),
+}
+
+
+def _backbone_node(name, pretrained_flag=None, ckpt=None):
     """Build the backbone-settings node shared by BASELINE, DISTILLER.TEACHER and .STUDENT."""
     node = CN()
     if pretrained_flag is not None:
@@ -158,28 +168,22 @@ def _backbone_node(name, pretrained_flag=None, with_ckpt=False):
     # [project] "" = torchvision's IMAGENET1K_V1 weights (torch hub cache); else a local file.
     node.BACKBONE_WEIGHTS = ""
     # Legacy (unused): neck above the trunk; the model always builds an FPN. Kept for dumps.
-    node.BACKBONE_NECK = "fpn"
+    node.BACKBONE_NECK = False
     # Use FrozenBatchNorm2d (fixed statistics and affine) in the trunk instead of BatchNorm2d.
     node.FROZENBN2d = True
     # Freeze the ResNet stem (conv1, bn1); ignored for MobileNetV2.
     node.FREEZE = True
-    if with_ckpt:
+    if ckpt is not None:
         # Teacher: checkpoint of the trained teacher (all of it). Student: unused (legacy).
-        node.CKPT = ""
+        node.CKPT = ckpt
     # Legacy (unused): number of trainable trunk stages. Kept so original dumps load.
-    node.TRAINABLE_LABYER = 3
-    # Legacy (unused): trunk stages returned to the neck. Kept so original dumps load.
-    node.RETURNED_LAYERS = [1, 2, 3, 4]
-    # Legacy (unused): trunk output channels. Kept so original dumps load.
-    node.BACKBONE_OUTCHANNEL = 1024
-    # Legacy (unused): output channels of the res5 head of SeqNet's C4 model. Kept for dumps.
-    node.RES5HEAD_OUTCHANNEL = 2048
-    # Legacy (unused): input channels of the Faster R-CNN head. Kept so original dumps load.
-    node.FASTERHEAD_INCHANNEL = 2048
-    # Legacy (unused): input channels of the box regressor. Kept so original dumps load.
-    node.BBOXREG_INCHANNEL = 2048
-    # Legacy (unused): input channels of the NAE embedding head. Kept so original dumps load.
-    node.NAE_INCHANNEL = [1024, 2048]
+    node.TRAINABLE_LABYER = 2
+    # Legacy (unused): FPN levels returned by the backbone. Kept so original dumps load.
+    node.RETURNED_LAYERS = ["0", "1", "2", "3", "pool"]
+    # Legacy (unused): channel counts of SeqNet's C4 model (trunk output, res5 head, Faster
+    # R-CNN head input, box regressor input, NAE inputs). Kept so original dumps load.
+    for key, value in _LEGACY_WIDTHS["resnet18" if name == "resnet18" else "resnet50"].items():
+        node[key] = value
     return node
 
 
@@ -199,22 +203,26 @@ _C.BASELINE.TYPE = "baseline"
 _C.DISTILLER = CN()
 # Train a student by distillation from DISTILLER.TEACHER (configs.is_distillation).
 _C.DISTILLER.PROJECT = False
-# Method: "FGD_DKD_Relation" = DDPS (DFD + LD + CD, switched by FGD/DKD/GRAPHRELA.ENABLED);
-# comparison methods (configured, implemented later): "PKD", "ReviewKD" (feature distillation
-# alone), "PKD_DKD_Relation", "ReviewKD_DKD_Relation" (the same plus LD + CD); "NONE" = none.
+# Method, by the original's names (used when DISTILLER.TERMS is empty): "FGD_DKD_Relation" =
+# DDPS (DFD + LD + CD); "PKD", "ReviewKD" (feature distillation alone); "PKD_DKD_Relation",
+# "ReviewKD_DKD_Relation" (the same plus LD + CD); "NONE" = no term (models/distill/registry.py).
 _C.DISTILLER.TYPE = "NONE"
+# [project] The distillation terms to train with, any combination of the registered names
+# (dfd, ld, cd, pkd, reviewkd, cwd, mgd), e.g. [pkd, ld, cd]; [] = those of DISTILLER.TYPE.
+_C.DISTILLER.TERMS = []
 # Legacy (unused): the original read it but it had no effect. Kept so original dumps load.
 _C.DISTILLER.INIT_STUDENT = False
 # Teacher: a complete resnet50 model loaded from CKPT, frozen, in eval mode.
-_C.DISTILLER.TEACHER = _backbone_node("resnet50", pretrained_flag=True, with_ckpt=True)
+# (The original's default CKPT path, a file of its authors' machine: set it to your teacher's.)
+_C.DISTILLER.TEACHER = _backbone_node("resnet50", pretrained_flag=True, ckpt="exp_cuhk/FGD/pre_epoch_19.pth")
 # Student: the model being trained; it alone is evaluated.
-_C.DISTILLER.STUDENT = _backbone_node("resnet18", pretrained_flag=False, with_ckpt=True)
+_C.DISTILLER.STUDENT = _backbone_node("resnet18", pretrained_flag=False, ckpt="")
 
 # ---------------------------------------------------------------------------------------------
 # FGD: settings of DFD, disaggregation feature distillation (the original's name "FGD")
 # ---------------------------------------------------------------------------------------------
 _C.FGD = CN()
-# [project] Include the DFD term in DDPS (ablations).
+# [project] With a DISTILLER.TYPE that includes DFD and DISTILLER.TERMS empty: False drops DFD.
 _C.FGD.ENABLED = True
 # [project] Overall weight multiplying the DFD term.
 _C.FGD.WEIGHT = 1.0
@@ -237,15 +245,15 @@ _C.FGD.LW_FGD = [0.1, 1.0, 1.0, 0.1]
 # Legacy (unused): warm-up length of the original's DFD term; SPEC 6 has none. Kept for dumps.
 _C.FGD.WARMUP = 20
 # Legacy (unused): DDP find_unused_parameters flag (the original's spelling, sic). For dumps.
-_C.FGD.FIND_UNSUED_PARAMETERS = False
+_C.FGD.FIND_UNSUED_PARAMETERS = True
 # Legacy (unused): number of distillation terms in the original. Kept so original dumps load.
-_C.FGD.DISTILLER_METHOD_NUMBER = 3
+_C.FGD.DISTILLER_METHOD_NUMBER = 4
 
 # ---------------------------------------------------------------------------------------------
 # DKD: settings of LD, logit distillation (decoupled KD)
 # ---------------------------------------------------------------------------------------------
 _C.DKD = CN()
-# [project] Include the LD term in DDPS (ablations).
+# [project] With a DISTILLER.TYPE that includes LD and DISTILLER.TERMS empty: False drops LD.
 _C.DKD.ENABLED = True
 # [project] Overall weight multiplying the LD term.
 _C.DKD.WEIGHT = 1.0
@@ -262,7 +270,7 @@ _C.DKD.FROM_T = False
 # GRAPHRELA: settings of CD, correlation distillation
 # ---------------------------------------------------------------------------------------------
 _C.GRAPHRELA = CN()
-# [project] Include the CD term in DDPS (ablations).
+# [project] With a DISTILLER.TYPE that includes CD and DISTILLER.TERMS empty: False drops CD.
 _C.GRAPHRELA.ENABLED = True
 # Weight of the CD term.
 _C.GRAPHRELA.WEIGHT = 0.01
@@ -276,19 +284,37 @@ _C.GRAPHRELA.WARMUP = 20
 # ---------------------------------------------------------------------------------------------
 # Sections the original defines for other distillation methods
 # ---------------------------------------------------------------------------------------------
-# PKD (comparison method).
+# PKD, Pearson-correlation feature distillation (comparison method, SPEC 6.1).
 _C.PKD = CN()
-# Add PKD's focal term (PKD = Pearson-correlation feature distillation).
+# Legacy (unused): the original defined it, nothing read it. Kept so original dumps load.
 _C.PKD.WITHFOCAL = True
-# Weight of the PKD term.
+# Weight of each of the four level losses.
 _C.PKD.WEIGHT = 6.0
 # Legacy (unused): the original's WHOLE_FGD flag of its PKD variant. Kept for dumps.
-_C.PKD.WHOLE_FGD = False
+_C.PKD.WHOLE_FGD = True
 
-# ReviewKD (comparison method).
+# ReviewKD, knowledge review with ABF fusion and the HCL loss (comparison method, SPEC 6.1).
 _C.REVIEWKD = CN()
-# Weight of the ReviewKD term (comparison method).
+# Weight of the ReviewKD term (its HCL summed over the five FPN levels).
 _C.REVIEWKD.WEIGHT = 1.2
+
+# [project] CWD, channel-wise distillation (Shu et al., ICCV 2021), on the FPN outputs.
+_C.CWD = CN()
+# Temperature of the spatial softmax of every channel.
+_C.CWD.TAU = 1.0
+# Weight of each level's loss (mmrazor's Faster R-CNN FPN configs: 10).
+_C.CWD.WEIGHT = 10.0
+# FPN outputs distilled ('0'..'3' and the pooled level 'pool', as mmrazor's five neck outputs).
+_C.CWD.LEVELS = ["0", "1", "2", "3", "pool"]
+
+# [project] MGD, masked generative distillation (Yang et al., ECCV 2022), on the FPN outputs.
+_C.MGD = CN()
+# Weight alpha of each level's loss (mmrazor's FPN configs: 2e-5).
+_C.MGD.ALPHA = 2e-5
+# Fraction of the spatial positions of the student's map masked out before generation.
+_C.MGD.MASK_RATIO = 0.65
+# FPN outputs distilled ('0'..'3' and the pooled level 'pool', as mmrazor's five neck outputs).
+_C.MGD.LEVELS = ["0", "1", "2", "3", "pool"]
 
 # Legacy (unused): the original's detection KD, never released.
 _C.DETKD = CN()
@@ -352,6 +378,13 @@ PROJECT_KEYS = frozenset(
         "DKD.ENABLED",
         "DKD.WEIGHT",
         "GRAPHRELA.ENABLED",
+        "DISTILLER.TERMS",
+        "CWD.TAU",
+        "CWD.WEIGHT",
+        "CWD.LEVELS",
+        "MGD.ALPHA",
+        "MGD.MASK_RATIO",
+        "MGD.LEVELS",
         "EVAL_START_EPOCH",
         "EVAL_GALLERY_SIZE",
         "EVAL_CROSS_CAMERA",
