@@ -10,6 +10,7 @@ import os
 import pytest
 
 from configs import dump_config, load_config
+from models.distill import term_names
 from tools import reproduce_table as rt
 
 QUICK = ["--quick", "--seeds", "0", "--students", "resnet18_x05", "--ablations", "dfd"]
@@ -87,6 +88,20 @@ def test_default_plan_and_dry_run(tmp_path, capsys):
     names = [s.name for s in rt.select_specs(rt.parse_args(["--runs", "*_cd"]))]
     assert names == ["teacher", "resnet18_x05_cd", "resnet18_x05_dfd_cd", "resnet18_x05_ld_cd"]
     assert rt.ablation_label("dfd_ld") == "ResNet-18 x0.5 + DFD + LD"
+    # the comparison rows: off by default, all six with --comparison, or those named
+    specs = rt.select_specs(rt.parse_args(["--comparison", "--no-ablations"]))
+    assert [s.name for s in specs] == ["teacher", "resnet18_x05", "resnet18_x05_ddps"] + [
+        f"resnet18_x05_{m}" for m in ("pkd", "pkd_ld_cd", "reviewkd", "reviewkd_ld_cd", "cwd", "mgd")]
+    assert [s.label for s in specs[3:5]] == ["ResNet-18 x0.5 + PKD", "ResNet-18 x0.5 + PKD + LD + CD"]
+    assert all(s.kind == "comparison" and s.distilled and s.student == "resnet18_x05" for s in specs[3:])
+    names = [s.name for s in rt.select_specs(rt.parse_args(["--students", "mobilenet_v2", "--no-ablations",
+                                                            "--comparison", "mgd"]))]
+    assert names == ["teacher", "resnet18_x05", "resnet18_x05_ddps", "resnet18_x05_mgd", "mobilenet_v2",
+                     "mobilenet_v2_ddps"]
+    args = rt.parse_args(["--comparison", "--no-ablations", "--seeds", "0"])
+    settings = rt.make_settings(args)
+    plan = rt.build_plan(args, settings)
+    assert 35 <= rt.estimate_seconds(plan, settings) / 60 <= 60  # a seed of the comparison fits an hour
 
 
 def test_schedule():
@@ -123,11 +138,11 @@ def test_schedule():
 
 
 def spec_distilled(name):
-    return name.endswith("_ddps") or any(name.endswith("_" + a) for a in rt.ABLATIONS)
+    return name.endswith("_ddps") or any(name.endswith("_" + a) for a in list(rt.ABLATIONS) + list(rt.COMPARISONS))
 
 
 def test_table_configs_share_data_steps_and_schedule():
-    specs = rt.model_specs(list(rt.STUDENTS), list(rt.ABLATIONS))
+    specs = rt.model_specs(list(rt.STUDENTS), list(rt.ABLATIONS), list(rt.COMPARISONS))
     cfgs = {s.name: load_config(s.cfg_file) for s in specs}
     assert sorted(f[:-5] for f in os.listdir(rt.CONFIG_DIR)) == sorted(cfgs)
     ref = cfgs["resnet18_x05"]
@@ -154,9 +169,15 @@ def test_table_configs_share_data_steps_and_schedule():
             assert cfg.DISTILLER.PROJECT and cfg.DISTILLER.TYPE == "FGD_DKD_Relation"
             assert cfg.DISTILLER.STUDENT.BACKBONE_NAME == spec.backbone
             assert cfg.DISTILLER.TEACHER.BACKBONE_NAME == "resnet18"
-            terms = spec.name.split("_")[-2:] if spec.kind == "ablation" else ["dfd", "ld", "cd"]
-            assert (cfg.FGD.ENABLED, cfg.DKD.ENABLED, cfg.GRAPHRELA.ENABLED) == (
-                "dfd" in terms, "ld" in terms, "cd" in terms), spec.name
+            # the ablations and comparison methods name their terms in DISTILLER.TERMS; the DDPS
+            # runs take DISTILLER.TYPE's
+            if spec.kind in ("ablation", "comparison"):
+                terms = spec.name[len(rt.ABLATION_STUDENT) + 1:].split("_")
+                assert list(cfg.DISTILLER.TERMS) == terms, spec.name
+            else:
+                terms = ["dfd", "ld", "cd"]
+                assert list(cfg.DISTILLER.TERMS) == [], spec.name
+            assert term_names(cfg) == terms, spec.name
         else:
             assert not cfg.DISTILLER.PROJECT and cfg.BASELINE.BACKBONE_NAME == spec.backbone
             assert not cfg.BASELINE.BACKBONE_PRETRAIN

@@ -10,6 +10,9 @@ For every seed:
 3. train every student (--students) alone and distilled with DDPS (DFD + LD + CD) from that
    teacher;
 4. train the ResNet-18 x0.5 student with each DDPS term alone and with each pair (--ablations);
+5. with --comparison, train the same student with the methods DDPS is compared with (PKD,
+   ReviewKD, each alone and + LD + CD, as in the paper's table) and two detection-KD methods of
+   the literature (CWD, MGD), from the same teacher;
 every run with the same data, input size, steps and schedule (the files of
 configs/synthetic/table/, plus command-line overrides for the seed, the output folder, the data,
 the teacher checkpoint and the steps). train_ddps evaluates each model after its last epoch with
@@ -28,6 +31,7 @@ A run folder written with other settings stops the command (use another --out, o
     python tools/reproduce_table.py                        # 3 seeds, the whole table
     python tools/reproduce_table.py --dry-run              # the plan and the estimated time
     python tools/reproduce_table.py --seeds 0 --students resnet18_x05 --no-ablations
+    python tools/reproduce_table.py --comparison --no-ablations   # DDPS against the other methods
     python tools/reproduce_table.py --quick --seeds 0      # 2 steps per run on a tiny world
 """
 from __future__ import annotations
@@ -60,6 +64,10 @@ STUDENTS = {"resnet18_x05": "ResNet-18 x0.5", "mobilenet_v2": "MobileNetV2"}
 ABLATION_STUDENT = "resnet18_x05"
 TERMS = {"dfd": "DFD", "ld": "LD", "cd": "CD"}
 ABLATIONS = ("dfd", "ld", "cd", "dfd_ld", "dfd_cd", "ld_cd")
+# the comparison rows (run name suffix -> label): the paper's comparison methods, then two
+# detection-KD methods of the literature; each config names its terms (configs/synthetic/table/)
+COMPARISONS = {"pkd": "PKD", "pkd_ld_cd": "PKD + LD + CD", "reviewkd": "ReviewKD",
+               "reviewkd_ld_cd": "ReviewKD + LD + CD", "cwd": "CWD", "mgd": "MGD"}
 
 # Defaults fitted to the 3-hour budget of a 2-core CPU (see estimate_seconds).
 DEFAULT_SEEDS = (0, 1, 2)
@@ -113,13 +121,13 @@ ONE_THREAD_FACTOR = 1.45
 class RunSpec:
     name: str  # run folder and config file name (configs/synthetic/table/<name>.yaml)
     label: str  # row of the table
-    kind: str  # "teacher" | "alone" | "ddps" | "ablation"
+    kind: str  # "teacher" | "alone" | "ddps" | "ablation" | "comparison"
     backbone: str
     student: Optional[str] = None  # the student a distilled run (or an alone run) belongs to
 
     @property
     def distilled(self) -> bool:
-        return self.kind in ("ddps", "ablation")
+        return self.kind in ("ddps", "ablation", "comparison")
 
     @property
     def cfg_file(self) -> str:
@@ -133,15 +141,17 @@ def ablation_label(key: str) -> str:
     return f"{STUDENTS[ABLATION_STUDENT]} + " + " + ".join(TERMS[t] for t in key.split("_"))
 
 
-def model_specs(students: Sequence[str], ablations: Sequence[str]) -> List[RunSpec]:
+def model_specs(students: Sequence[str], ablations: Sequence[str], comparisons: Sequence[str] = ()) -> List[RunSpec]:
     """The table's rows in order: the teacher; per student alone, + DDPS, then (for the ablation
-    student) the ablations. The runs of a seed go in this order too."""
+    student) the ablations and the comparison methods. The runs of a seed go in this order too."""
     specs = [TEACHER]
     for s in students:
         specs.append(RunSpec(s, STUDENTS[s], "alone", s, s))
         specs.append(RunSpec(f"{s}_ddps", f"{STUDENTS[s]} + DDPS", "ddps", s, s))
         if s == ABLATION_STUDENT:
             specs += [RunSpec(f"{s}_{a}", ablation_label(a), "ablation", s, s) for a in ablations]
+            specs += [RunSpec(f"{s}_{m}", f"{STUDENTS[s]} + {COMPARISONS[m]}", "comparison", s, s)
+                      for m in comparisons]
     return specs
 
 
@@ -309,11 +319,16 @@ def select_specs(args) -> List[RunSpec]:
         ablations = list(ABLATIONS)
     else:
         ablations = list(dict.fromkeys(args.ablations))
-    if ablations and ABLATION_STUDENT not in students:
-        print(f"note: the ablations are of {STUDENTS[ABLATION_STUDENT]} ({ABLATION_STUDENT}), which --students "
-              "does not include: its alone and DDPS runs are added so that the ablations have a reference")
+    if args.comparison is None:
+        comparisons: List[str] = []
+    else:
+        comparisons = list(dict.fromkeys(args.comparison or COMPARISONS))
+    if (ablations or comparisons) and ABLATION_STUDENT not in students:
+        print(f"note: the ablations and the comparison methods are of {STUDENTS[ABLATION_STUDENT]} "
+              f"({ABLATION_STUDENT}), which --students does not include: its alone and DDPS runs are added so "
+              "that they have a reference")
         students.insert(0, ABLATION_STUDENT)
-    specs = model_specs(students, ablations)
+    specs = model_specs(students, ablations, comparisons)
     if args.runs:
         keep = [s for s in specs if any(fnmatch.fnmatch(s.name, pat) for pat in args.runs)]
         if not keep:
@@ -661,9 +676,10 @@ def format_markdown(summary: List[Dict], rows: List[Dict], settings: Settings, w
     return "\n".join(lines) + "\n"
 
 
-KIND_COLOURS = {"teacher": "#7f7f7f", "alone": "#1f77b4", "ddps": "#d62728", "ablation": "#ff9896"}
+KIND_COLOURS = {"teacher": "#7f7f7f", "alone": "#1f77b4", "ddps": "#d62728", "ablation": "#ff9896",
+                "comparison": "#2ca02c"}
 KIND_NAMES = {"teacher": "teacher", "alone": "student alone", "ddps": "student + DDPS",
-              "ablation": "student + some terms"}
+              "ablation": "student + some DDPS terms", "comparison": "student + another method"}
 
 
 def plot_map(summary: List[Dict], rows: List[Dict], path: str, title: str) -> None:
@@ -777,6 +793,9 @@ def parse_args(argv=None):
     p.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=None,
                    help=f"DDPS terms (alone and in pairs) for {ABLATION_STUDENT} (default: all six)")
     p.add_argument("--no-ablations", action="store_true", help="no ablation runs")
+    p.add_argument("--comparison", nargs="*", choices=list(COMPARISONS), default=None, metavar="METHOD",
+                   help=f"add the comparison rows for {ABLATION_STUDENT}: the given methods, or all of "
+                        f"{', '.join(COMPARISONS)} when none is given (default: no comparison rows)")
     p.add_argument("--runs", nargs="+", metavar="PATTERN",
                    help="only the runs whose name matches (shell patterns, e.g. 'teacher' 'resnet18_x05*'); "
                         "the teacher is added when a distilled run needs it")
