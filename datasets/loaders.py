@@ -67,14 +67,16 @@ class SeededSampler(Sampler):
         return len(self.base)
 
 
-def build_train_loader(cfg, distributed: bool = False, drop_last: bool = False) -> DataLoader:
+def build_train_loader(cfg, distributed: bool = False, drop_last: bool = True) -> DataLoader:
     """Shuffled training loader of cfg.INPUT.DATASET at cfg.INPUT.DATA_ROOT.
 
     The sampler (``loader.sampler``, a SeededSampler) shuffles from cfg.SEED and the epoch; call
     ``loader.sampler.set_epoch(e)`` before each epoch (the Trainer does). With ``distributed``
     each process gets its 1/WORLD_SIZE share of the permutation (torch.distributed must be
     initialised); BATCH_SIZE_TRAIN is per process. The dataset is ``loader.dataset``
-    (``pid_to_class``, ``num_classes``).
+    (``pid_to_class``, ``num_classes``). The last incomplete batch of an epoch is dropped, as
+    the original's loader does (``drop_last=True``): it sets the number of steps per epoch, hence
+    the length of the warm-up.
     """
     dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, build_transforms(True), "train")
     replicas, rank = 1, 0
@@ -83,9 +85,14 @@ def build_train_loader(cfg, distributed: bool = False, drop_last: bool = False) 
 
         replicas, rank = get_world_size(), get_rank()
     sampler = SeededSampler(dataset, seed=getattr(cfg, "SEED", 0), num_replicas=replicas, rank=rank)
+    batch = int(cfg.INPUT.BATCH_SIZE_TRAIN)
+    if drop_last and len(sampler) < batch:
+        raise ValueError(
+            f"{dataset.name} at {dataset.root}: {len(dataset)} training images ({len(sampler)} per process) "
+            f"make no complete batch of INPUT.BATCH_SIZE_TRAIN = {batch}")
     return DataLoader(
         dataset,
-        batch_size=int(cfg.INPUT.BATCH_SIZE_TRAIN),
+        batch_size=batch,
         sampler=sampler,
         drop_last=drop_last,
         **_loader_kwargs(cfg.INPUT.NUM_WORKERS_TRAIN),

@@ -4,6 +4,7 @@ image decode per sample."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import datasets.base
@@ -18,6 +19,22 @@ def _cfg(root, seed=1, workers=0, batch=3):
         INPUT=SimpleNamespace(DATASET="CUHK-SYSU", DATA_ROOT=str(root), BATCH_SIZE_TRAIN=batch,
                               BATCH_SIZE_TEST=1, NUM_WORKERS_TRAIN=workers, NUM_WORKERS_TEST=0),
     )
+
+
+def test_the_last_incomplete_batch_is_dropped(synthetic_root):
+    """As the original's loader (drop_last=True): 20 images in batches of 3 give 6 full batches
+    an epoch (2 images left out, others each epoch); no complete batch at all is an error."""
+    root = synthetic_root / "CUHK-SYSU"
+    loader = build_train_loader(_cfg(root, batch=3))
+    assert len(loader) == 6
+    seen = []
+    for e in (0, 1):
+        names = [n for n, _, _ in _epoch(loader, e)]
+        assert len(names) == 18 == len(set(names))
+        seen.append(set(names))
+    assert seen[0] != seen[1]
+    with pytest.raises(ValueError, match="20 training images.*no complete batch of INPUT.BATCH_SIZE_TRAIN = 21"):
+        build_train_loader(_cfg(root, batch=21))
 
 
 def _epoch(loader, epoch):
@@ -36,8 +53,8 @@ def _same(a, b):
 
 def test_order_and_flips_follow_seed_and_epoch_not_workers(synthetic_root):
     root = synthetic_root / "CUHK-SYSU"
-    main = build_train_loader(_cfg(root, workers=0))
-    workers = build_train_loader(_cfg(root, workers=2))
+    main = build_train_loader(_cfg(root, workers=0, batch=4))  # 20 images: 5 full batches
+    workers = build_train_loader(_cfg(root, workers=2, batch=4))
     assert workers.persistent_workers and workers.prefetch_factor == 2
     assert workers.pin_memory == torch.cuda.is_available()
     epochs_main = [_epoch(main, e) for e in (0, 1)]
@@ -45,10 +62,10 @@ def test_order_and_flips_follow_seed_and_epoch_not_workers(synthetic_root):
     epochs_workers = [_epoch(workers, e) for e in (0, 1)]
     assert _same(epochs_main[0], epochs_workers[0]) and _same(epochs_main[1], epochs_workers[1])
     # a resumed run builds a new loader and starts at epoch 1: it sees the same epoch 1
-    assert _same(_epoch(build_train_loader(_cfg(root)), 1), epochs_main[1])
+    assert _same(_epoch(build_train_loader(_cfg(root, batch=4)), 1), epochs_main[1])
     names = [[n for n, _, _ in ep] for ep in epochs_main]
     assert sorted(names[0]) == sorted(names[1]) and names[0] != names[1]  # reshuffled each epoch
-    other_seed = [n for n, _, _ in _epoch(build_train_loader(_cfg(root, seed=2)), 0)]
+    other_seed = [n for n, _, _ in _epoch(build_train_loader(_cfg(root, seed=2, batch=4)), 0)]
     assert other_seed != names[0]
     # flips happen (p = 0.5) and move the boxes with the image
     plain = build_dataset("CUHK-SYSU", str(root), build_transforms(False), "train")
