@@ -80,6 +80,14 @@ class BoxHead(nn.Module):
         return flat, out
 
 
+def _init_linear_bn(seq: nn.Sequential) -> None:
+    """SeqNet's initialisation of a Linear + BatchNorm1d pair: both weights N(0, 0.01), both
+    biases 0 (the BatchNorm's scale starts near 0, not at torch's default 1)."""
+    for layer in seq:
+        nn.init.normal_(layer.weight, std=0.01)
+        nn.init.zeros_(layer.bias)
+
+
 class BBoxRegressor(nn.Module):
     """The original's second-stage ``box_predictor``: defined (so checkpoints load) but unused."""
 
@@ -87,6 +95,7 @@ class BBoxRegressor(nn.Module):
         super().__init__()
         self.bbox_pred = nn.Sequential(nn.Linear(in_channels, 4 * num_classes),
                                        nn.BatchNorm1d(4 * num_classes))
+        _init_linear_bn(self.bbox_pred)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bbox_pred(x.flatten(start_dim=1))
@@ -95,7 +104,8 @@ class BBoxRegressor(nn.Module):
 class NormAwareEmbedding(nn.Module):
     """NAE: Linear+BatchNorm1d projections of the flattened RoI feature (``feat_beFC``, 12544 ->
     128) and of the fc7 output (``feat_afFC``, 1024 -> 128), concatenated in that order and
-    L2-normalised; the norm through the BatchNorm1d(1) ``rescaler`` is a person score."""
+    L2-normalised; the norm through the BatchNorm1d(1) ``rescaler`` is a person score.
+    Initialised as SeqNet's: Linear and BatchNorm weights N(0, 0.01), biases 0."""
 
     def __init__(self, in_channels: Sequence[int] = (FPN_OUT_CHANNELS * ROI_OUTPUT_SIZE ** 2,
                                                      REPRESENTATION_SIZE),
@@ -109,8 +119,7 @@ class NormAwareEmbedding(nn.Module):
         self.projectors = nn.ModuleDict()
         for name, c, d in zip(featmap_names, in_channels, dims):
             proj = nn.Sequential(nn.Linear(c, d), nn.BatchNorm1d(d))
-            nn.init.normal_(proj[0].weight, std=0.01)
-            nn.init.zeros_(proj[0].bias)
+            _init_linear_bn(proj)
             self.projectors[name] = proj
         self.rescaler = nn.BatchNorm1d(1, affine=True)
 

@@ -681,3 +681,19 @@ def test_resnet18_x05_pretrained_needs_a_local_file(monkeypatch, tmp_path):
     model = models.build_model(cfg)
     assert torch.equal(model.backbone.body.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
     assert calls == []
+
+
+def test_nae_projections_start_as_seqnet_initialises_them():
+    """SeqNet initialises both the Linear and the BatchNorm1d of each NAE projection (and of the
+    unused box predictor) with weights N(0, 0.01) and zero biases: the BatchNorm's scale starts
+    near 0, not at torch's default 1, which sets the initial embedding geometry."""
+    torch.manual_seed(0)
+    model = models.build_model(make_cfg("resnet18_x05"))
+    heads = model.roi_heads
+    seqs = list(heads.embedding_head.projectors.values()) + [heads.box_predictor.bbox_pred]
+    for seq in seqs:
+        for layer in seq:
+            w = layer.weight.detach()
+            assert abs(float(w.mean())) < 0.01 and 0.005 < float(w.std()) < 0.02, layer
+            assert torch.count_nonzero(layer.bias) == 0
+    assert float(heads.embedding_head.rescaler.weight) == 1.0  # the rescaler keeps torch's default

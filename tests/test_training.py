@@ -110,7 +110,9 @@ def test_one_training_step_moves_weights_and_oim_tables(synthetic_root, tmp_path
             unused.add(name.rsplit(".", 2)[0] if "bbox_pred" in name else name.rsplit(".", 1)[0])
             continue
         expected = before[name] - lr0 * (p.grad + wd * before[name])
-        assert torch.allclose(p, expected, rtol=0, atol=5e-8), name
+        # atol for the small weights, plus one float32 ulp for the weights near 1 (BatchNorm scales),
+        # where torch's SGD and this formula may round the last bit differently
+        assert torch.allclose(p, expected, rtol=2 ** -23, atol=5e-8), name
         changed += not torch.equal(p, before[name])
     assert unused == {"roi_heads.box_predictor.bbox_pred", "roi_heads.embedding_head.rescaler"}
     assert changed == len(trainable) - 6
