@@ -8,7 +8,7 @@ Layout under ``root``::
     annotation/test/train_test/Train.mat       Train: one cell per training identity
     annotation/test/train_test/TestG<N>.mat    TestG<N>: one struct per query (Query, Gallery)
 
-Splits: ``train`` = Images.mat minus pool (Images.mat order; identity k of Train.mat gets pid k+1
+Splits: ``train`` = Images.mat minus pool (sorted by name, as the original; identity k of Train.mat gets pid k+1
 on the box equal to its idlocate, the other boxes 5555); ``gallery`` = pool (pool order; query k
 of TestG50 gets pid k+1 on its query box and on the gallery boxes where it appears); ``query`` =
 the TestG50 queries in file order (query k has pid k+1).
@@ -271,7 +271,8 @@ class CUHKSYSU(PersonSearchDataset):
         pids = np.full(len(images.xywh), UNLABELED_PID, dtype=np.int64)
         if self.split == "train":
             pool_set = set(pool)
-            order = [i for i, n in enumerate(images.names) if n not in pool_set]
+            # sorted by name, as the original (sorted(set(all images) - set(pool)))
+            order = [images.index[n] for n in sorted(set(images.names) - pool_set)]
             self._label_train(images, pool_set, pids)
         else:
             order = [images.index[n] for n in pool]

@@ -8,15 +8,19 @@ Layout under ``root``::
     frame_test.mat                    img_index_test
     query_info.txt                    one query a line: pid x y w h name (any line ending)
 
-Ids <= 0 (the release uses -2) are unlabeled people and become 5555.
+Id -2 marks an unlabeled person and becomes 5555, as in the original; any other id below 1 is an
+error naming the file (the original would have kept it as a negative pid).
 
 Boxes, a reproduced quirk of the original (and of every SeqNet-family PRW loader): the four
 numbers x, y, w, h of an annotation file are clipped at 0 FIRST and converted after, x2 =
 max(x, 0) + max(w, 0), so a box with x = -3, w = 36 becomes [0, 36], not [0, 33]. This defines
 the ground truth that published PRW numbers (detection and search) were computed on, so it is
 kept. ``query_info.txt`` boxes, by contrast, are converted first and clipped after (x2 = x + w),
-as the original does. Coordinates are truncated to integers after the conversion; boxes with no
-width or height are dropped. Training images without any box are dropped.
+as the original does. Coordinates are truncated to integers after the conversion. Like the
+original, the gallery keeps every annotated box (even one of no width or height) and the
+training split every frame of frame_train.mat (even one without a person); only boxes of no
+width or height are left out of the training targets, where the original would have turned
+them into infinite regression targets.
 Training pids are not contiguous in the release (1..478, 480..483, 932): the training split maps
 them to contiguous classes (``pid_to_class``), see ``PersonSearchDataset``.
 """
@@ -50,8 +54,11 @@ def _with_ext(name: str) -> str:
     return name if name.lower().endswith(".jpg") else name + ".jpg"
 
 
+UNLABELED_ID = -2  # the release's id of unlabeled people
+
+
 def _to_int_boxes(xyxy: np.ndarray) -> tuple:
-    """float (n, 4) x1 y1 x2 y2 (>= 0) -> (int32 boxes truncated, keep mask of non-empty ones)."""
+    """float (n, 4) x1 y1 x2 y2 (>= 0) -> (int32 boxes truncated, mask of the non-empty ones)."""
     xyxy = xyxy.astype(np.int32)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     return xyxy, keep
@@ -70,7 +77,8 @@ def query_boxes(xywh: np.ndarray) -> tuple:
 
 
 def read_prw_boxes(path: str) -> tuple:
-    """Read one annotation file: ``(boxes int32 (n, 4) xyxy, pids int32 (n,))``."""
+    """Read one annotation file: ``(boxes int32 (n, 4) xyxy, pids int32 (n,), non-empty mask)``,
+    every row of the file in its order."""
     data = load_mat(path, any_of=BOX_KEYS)
     key = next(k for k in BOX_KEYS if k in data)
     arr = data[key]
@@ -79,7 +87,7 @@ def read_prw_boxes(path: str) -> tuple:
                            f"got {type(arr).__name__} {getattr(arr, 'dtype', '')}")
     arr = np.asarray(arr, dtype=np.float64)
     if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.int32)
+        return np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=bool)
     if arr.ndim == 1 and arr.size == 5:
         arr = arr.reshape(1, 5)
     if arr.ndim != 2 or arr.shape[1] != 5:
@@ -88,10 +96,14 @@ def read_prw_boxes(path: str) -> tuple:
         )
     if not np.isfinite(arr).all():
         raise DatasetError(f"{path}: '{key}' holds non-finite values")
-    pids = np.rint(arr[:, 0]).astype(np.int64)
-    pids[pids <= 0] = UNLABELED_PID
-    boxes, keep = annotation_boxes(arr[:, 1:])
-    return boxes[keep], pids[keep].astype(np.int32)
+    pids = arr[:, 0].astype(np.int64)  # truncation, as the original's astype(int32)
+    bad = (pids < 1) & (pids != UNLABELED_ID)
+    if bad.any():
+        raise DatasetError(f"{path}: '{key}' holds person ids {sorted(set(pids[bad].tolist()))}: expected "
+                           f"{UNLABELED_ID} (unlabeled) or a positive id")
+    pids[pids == UNLABELED_ID] = UNLABELED_PID
+    boxes, nonempty = annotation_boxes(arr[:, 1:])
+    return boxes, pids.astype(np.int32), nonempty
 
 
 def read_query_info(path: str) -> List[tuple]:
@@ -146,9 +158,9 @@ class PRW(PersonSearchDataset):
         annos = []
         for name in self._frames(self.split):
             img_name = _with_ext(name)
-            boxes, pids = read_prw_boxes(os.path.join(self.root, "annotations", img_name + ".mat"))
-            if self.split == "train" and len(boxes) == 0:
-                continue
+            boxes, pids, nonempty = read_prw_boxes(os.path.join(self.root, "annotations", img_name + ".mat"))
+            if self.split == "train":
+                boxes, pids = boxes[nonempty], pids[nonempty]
             annos.append(
                 {
                     "img_name": img_name,

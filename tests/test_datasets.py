@@ -184,6 +184,18 @@ def test_cuhk_train(tmp_path, transposed):
     assert ds[0][1]["labels"].tolist() == [1, 5555]
 
 
+def test_cuhk_train_split_is_sorted_by_name(tmp_path):
+    """The original's training split is sorted(all images - pool), not Images.mat order: an
+    extra image s10 listed last in Images.mat comes between s1 and s2."""
+    images = dict(CUHK_IMAGES)
+    images["s10.jpg"] = [(20, 20, 30, 60)]
+    images = {"s2.jpg": images.pop("s2.jpg"), **images}  # s2 first in Images.mat
+    root = write_cuhk(tmp_path / "CUHK-SYSU", images=images)
+    ds = build_dataset("CUHK-SYSU", str(root), None, "train")
+    assert [a["img_name"] for a in ds.annotations] == ["s1.jpg", "s10.jpg", "s2.jpg"]
+    assert pids_of(ds) == [[1, 5555], [5555], [1, 2]]  # identities follow their boxes
+
+
 def test_cuhk_gallery_query_and_protocols(cuhk_root):
     gallery = build_dataset("CUHK-SYSU", str(cuhk_root), None, "gallery")
     query = build_dataset("CUHK-SYSU", str(cuhk_root), None, "query")
@@ -454,3 +466,40 @@ def test_prw_box_conversion_rules():
     boxes, keep = query_boxes(xywh)
     assert boxes.tolist() == [[0, 5, 33, 45], [10, 0, 30, 27]] and keep.all()
     assert boxes.dtype == np.int32
+
+
+def _prw_with(root, frames, train, test, query="700 10 10 20 40 c1s2_000003\r\n"):
+    """A PRW release of the given frames {name: rows} (key box_new)."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for name, rows in frames.items():
+        write_jpeg(str(root / "frames" / f"{name}.jpg"))
+        scipy.io.savemat(str(root / "annotations" / f"{name}.jpg.mat"),
+                         {"box_new": np.array(rows, dtype=np.float64).reshape(-1, 5)})
+    scipy.io.savemat(str(root / "frame_train.mat"), {"img_index_train": cell(train)})
+    scipy.io.savemat(str(root / "frame_test.mat"), {"img_index_test": cell(test)})
+    (root / "query_info.txt").write_bytes(query.encode())
+    return root
+
+
+def test_prw_keeps_what_the_original_keeps(tmp_path):
+    """The gallery keeps a box of no width (ground truth the protocols count, as the original's);
+    the training split keeps a frame without any person, and leaves the empty box out of the
+    training targets."""
+    frames = {"c1s1_000001": [[1, 10, 20, 30, 60], [-2, 50, 50, 0, 10]],
+              "c1s1_000002": np.zeros((0, 5)),
+              "c1s2_000003": [[700, 10, 10, 20, 40], [-2, 60, 10, 0, 30]]}
+    root = _prw_with(tmp_path / "PRW", frames, ["c1s1_000001", "c1s1_000002"], ["c1s2_000003"])
+    train = build_dataset("PRW", str(root), None, "train")
+    assert [a["img_name"] for a in train.annotations] == ["c1s1_000001.jpg", "c1s1_000002.jpg"]
+    assert boxes_of(train) == [[[10, 20, 40, 80]], []] and pids_of(train) == [[1], []]
+    assert train[1][1]["boxes"].shape == (0, 4)
+    gallery = build_dataset("PRW", str(root), None, "gallery")
+    assert boxes_of(gallery) == [[[10, 10, 30, 50], [60, 10, 60, 40]]]
+    assert pids_of(gallery) == [[700, 5555]]
+
+
+def test_prw_ids_other_than_minus_two_below_one_are_refused(tmp_path):
+    frames = {"c1s1_000001": [[1, 10, 20, 30, 60], [-1, 50, 50, 10, 10]], "c1s2_000003": [[700, 10, 10, 20, 40]]}
+    root = _prw_with(tmp_path / "PRW", frames, ["c1s1_000001"], ["c1s2_000003"])
+    with pytest.raises(DatasetError, match=r"c1s1_000001.jpg.mat.*ids \[-1\].*-2 \(unlabeled\)"):
+        build_dataset("PRW", str(root), None, "train")
