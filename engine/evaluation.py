@@ -76,9 +76,10 @@ The hits, AP and top-k then use the modified similarities.
 CUHK-SYSU (`eval_search_cuhk`)
 ------------------------------
 ``protocol = gallery_dataset.load_protocol(gallery_size)`` (`datasets.cuhk_sysu.CUHKProtocol`):
-q's gallery = ``protocol.query_gallery[q]`` (G images, assumed distinct; -1 = all gallery images
-but the query's own), the images holding the person = the rows of ``gt_query == q`` (a pair
-repeated keeps its first box; a pair outside q's gallery is ignored). k1 = 10, k2 = 3.
+q's gallery = ``protocol.query_gallery[q]`` (G images; -1 = all gallery images but the query's
+own), the images holding the person = the rows of ``gt_query == q`` (a pair outside q's gallery
+is ignored). An image listed twice in a gallery is searched once, with its first box, but
+count_gt counts every entry that holds the person, as the original does. k1 = 10, k2 = 3.
 
 PRW (`eval_search_prw`)
 -----------------------
@@ -364,9 +365,11 @@ class _Positives:
     """The (query, image, box) pairs where the query person appears inside the query's gallery,
     sorted by (query, image), and the detections of those images that pass the IoU test."""
 
-    def __init__(self, gal: _Gallery, p_q, p_img, p_box, n_query):
+    def __init__(self, gal: _Gallery, p_q, p_img, p_box, n_query, count_gt=None):
         self.p_q, self.p_img = p_q, p_img
-        self.count_gt = np.bincount(p_q, minlength=n_query).astype(np.int64)
+        if count_gt is None:
+            count_gt = np.bincount(p_q, minlength=n_query)
+        self.count_gt = np.asarray(count_gt, dtype=np.int64)
         # every detection of every pair's image, in (pair, detection) order
         e_det, e_pair = _ranges(gal.start[p_img], gal.count[p_img])
         iou = _pairwise_iou(gal.boxes[e_det], p_box[e_pair])
@@ -666,10 +669,13 @@ def eval_search_cuhk(
     gt_q = _to_numpy(protocol.gt_query).astype(np.int64).ravel()
     gt_g = _to_numpy(protocol.gt_gallery).astype(np.int64).ravel()
     gt_b = _to_numpy(protocol.gt_boxes).astype(np.float64).reshape(-1, 4)
+    inside, _ = _find_in_rows(query_gallery, gt_q, gt_g)
+    gt_q, gt_g, gt_b = gt_q[inside], gt_g[inside], gt_b[inside]
+    # the original counts every protocol entry holding the person, a repeated image each time,
+    # while an image's detections are scored once, against its first box
+    count_gt = np.bincount(gt_q, minlength=n_query)
     p_q, p_img, p_box = _dedupe_pairs(gt_q, gt_g, gt_b, n_img)
-    inside, _ = _find_in_rows(query_gallery, p_q, p_img)
-    p_q, p_img, p_box = p_q[inside], p_img[inside], p_box[inside]
-    pos = _Positives(gal, p_q, p_img, p_box, n_query)
+    pos = _Positives(gal, p_q, p_img, p_box, n_query, count_gt=count_gt)
 
     mode = "sparse" if 0 < G <= _SPARSE_MAX_FRACTION * n_img else "dense"
     qg_sorted_act = None

@@ -313,6 +313,24 @@ def test_search_ties_use_stable_order():
     assert res["aps"][0] == pytest.approx(average_precision_score([0, 1], [0.5, 0.5]))  # 0.5
 
 
+def test_a_gallery_image_listed_twice_counts_twice_in_count_gt():
+    """The original counts every protocol entry holding the person (`count_gt += gt.size > 0`
+    before it skips an image it has already scored): an image listed twice halves the recall
+    of a query whose only hit is there, and its detections are still scored once."""
+    annos = [anno("im0", [BOX], [1]), anno("im1", [[500, 0, 600, 200]], [5555])]
+    gdets = [dets([0, 0, 100, 200, 0.9]), dets([500, 0, 600, 200, 0.9])]
+    gfeats = [feats([0.9, 0.0]), feats([0.5, 0.0])]
+    once = protocol(2, [[0, 1]], [(0, 0, BOX)])
+    twice = protocol(3, [[0, 1, 0]], [(0, 0, BOX), (0, 0, BOX)])
+    gallery = FakeDataset("CUHK-SYSU", annos, {2: once, 3: twice})
+    query = FakeDataset("CUHK-SYSU", [anno("q", [BOX], [1])])
+    args = (gallery, query, gdets, gfeats, [feats([1.0, 0.0])], None, None)
+    assert ev.eval_search_cuhk(*args, gallery_size=2)["aps"][0] == pytest.approx(1.0)
+    res = ev.eval_search_cuhk(*args, gallery_size=3)
+    assert res["count_gt"][0] == 2 and res["count_tp"][0] == 1
+    assert res["aps"][0] == pytest.approx(0.5) and res["topk"][0, 0] == 1
+
+
 def test_cbgm_hand_case():
     # query image: the query person q=(1,0,0) and a companion o=(0,1,0).
     # gallery image: x0 (the companion, sim 0.6 to q, 0.9 to o) and x1 (the person, 0.5, 0.1).
