@@ -19,6 +19,7 @@ import shutil
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 import torch.nn.functional as F
 import yaml
@@ -30,6 +31,7 @@ from configs import PROJECT_KEYS, get_default_cfg, load_config
 from datasets import build_dataset
 from datasets.transforms import build_transforms
 from engine.build import without_imagenet_weights
+from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw
 from engine.evaluator import StaleCacheError
 from models import build_model
 from models.checkpoint import CheckpointMismatchError
@@ -219,6 +221,71 @@ def test_eval_use_gt_and_cbgm(trained, world, tmp_path):
     assert metrics["det_recall"] == trained["metrics"]["det_recall"]
 
 
+# --------------------------------------------------------- metrics.json = the protocols' values
+def protocol_metrics(root, dataset, cache, cbgm=False, gallery_size=100, cross_camera=False):
+    """The metrics recomputed from a run's raw outputs with the protocol functions themselves,
+    under the given switches (what metrics.json must hold)."""
+    gallery = build_dataset(dataset, str(root), None, "gallery")
+    query = build_dataset(dataset, str(root), None, "query")
+    recall, ap = eval_detection(gallery, cache["gallery_dets"], det_thresh=0.01)
+    args = (gallery, query, cache["gallery_dets"], cache["gallery_feats"], cache["query_box_feats"],
+            cache["query_dets"], cache["query_feats"])
+    if dataset == "CUHK-SYSU":
+        search = eval_search_cuhk(*args, cbgm=cbgm, gallery_size=gallery_size)
+    else:
+        search = eval_search_prw(*args, cbgm=cbgm, ignore_cam_id=not cross_camera)
+    accs = [float(a) for a in search["accs"]]
+    return {"det_recall": float(recall), "det_ap": float(ap), "mAP": float(search["mAP"]),
+            "top1": accs[0], "top5": accs[1], "top10": accs[2]}
+
+
+def metric_values(metrics):
+    return {k: metrics[k] for k in METRIC_KEYS}
+
+
+@pytest.fixture(scope="module")
+def small_gallery_world(world, tmp_path_factory):
+    """A copy of the mini CUHK-SYSU world whose TestG50 galleries hold 3 images instead of the 9
+    of TestG100, so that the two gallery sizes give different results."""
+    root = tmp_path_factory.mktemp("small_gallery") / "CUHK-SYSU"
+    shutil.copytree(world / "CUHK-SYSU", root)
+    path = root / "annotation" / "test" / "train_test" / "TestG50.mat"
+    table = scipy.io.loadmat(str(path))["TestG50"]
+    for q in range(table.shape[1]):
+        table[0, q]["Gallery"] = table[0, q]["Gallery"][:, :3]
+    scipy.io.savemat(str(path), {"TestG50": table})
+    return root
+
+
+def test_metrics_follow_the_gallery_size_and_cbgm_switches(trained, small_gallery_world, tmp_path):
+    """For each EVAL_GALLERY_SIZE and EVAL_USE_CBGM, metrics.json holds what the protocols give on
+    the run's own eval_cache.pth under that switch, and the switches change the result here.
+    Ground-truth gallery boxes (EVAL_USE_GT): the barely trained model finds no one with a score
+    of 0.5, so its own detections would give every search protocol mAP 0."""
+    out = tmp_path / "eval"
+    root = small_gallery_world
+    runs = [dict(gallery_size=100), dict(gallery_size=50), dict(gallery_size=-1),
+            dict(gallery_size=100, cbgm=True), dict(gallery_size=50, cbgm=True)]
+    written = []
+    for run in runs:
+        cbgm = run.get("cbgm", False)
+        # the first run computes the raw outputs, the others reuse them (same weights, same data)
+        _eval(trained["cfg_path"], trained["last"], out, "INPUT.DATA_ROOT", root, "EVAL_USE_CACHE", "True",
+              "EVAL_GALLERY_SIZE", run["gallery_size"], "EVAL_USE_CBGM", cbgm, "EVAL_USE_GT", True)
+        metrics = read_metrics(out)
+        assert metrics["gallery_size"] == run["gallery_size"] and metrics["cbgm"] is cbgm
+        assert metrics["use_gt"] is True
+        expected = protocol_metrics(root, "CUHK-SYSU", load_cache(out / "eval_cache.pth"), **run)
+        assert metric_values(metrics) == pytest.approx(expected, abs=1e-12), run
+        written.append(metric_values(metrics))
+    plain100, plain50, whole, cbgm100, cbgm50 = written
+    assert plain50 != plain100, "the smaller gallery must change the search result on this world"
+    assert whole == pytest.approx(plain100)  # TestG100 holds every other image of this world
+    assert (cbgm100, cbgm50) != (plain100, plain50), "CBGM must change a search result here"
+    # detection does not depend on the search switches
+    assert len({(m["det_recall"], m["det_ap"]) for m in written}) == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without CUDA")
 def test_device_cuda_without_gpu_falls_back_to_cpu(trained, tmp_path, capsys):
     metrics = _eval(trained["cfg_path"], trained["last"], tmp_path, "DEVICE", "cuda")
@@ -336,8 +403,10 @@ def reference_search(model, cfg, image, query_box=None):
     transform -> backbone -> rpn -> box_roi_pool -> box_head -> faster_rcnn_predictor ->
     softmax score > SCORE_THRESH_TEST, small boxes out, NMS NMS_THRESH_TEST, top-k ->
     RoIAlign -> reid_head -> embedding_head -> embeddings x score -> NMS 0.5 -> original size.
-    With `query_box` (query image as gallery): the query box goes first, score 1, plain embedding,
-    and the detections overlapping it by more than 0.5 are dropped. Returns (n x 5, n x 256)."""
+    With `query_box` (query image as gallery): no embedding is multiplied by its score, the query
+    box goes first with score 1 and its plain embedding, the detections overlapping it by more
+    than 0.5 are dropped, and the query box counts in the top-DETECTIONS_PER_IMAGE_TEST cut.
+    Returns (n x 5, n x 256)."""
     roi_cfg = cfg.MODEL.ROI_HEAD
     rh = model.roi_heads
     image_list, _ = model.transform([image])
@@ -356,15 +425,19 @@ def reference_search(model, cfg, image, query_box=None):
     boxes, scores = boxes[keep], scores[keep]
     keep = box_ops.nms(boxes, scores, roi_cfg.NMS_THRESH_TEST)[: roi_cfg.DETECTIONS_PER_IMAGE_TEST]
     boxes, scores = boxes[keep], scores[keep]
-    emb = _embed(model, feats, boxes, image_list.image_sizes) * scores[:, None]
+    emb = _embed(model, feats, boxes, image_list.image_sizes)
     ratio = torch.tensor([W / w0, H / h0, W / w0, H / h0], dtype=torch.float32)
-    if query_box is not None:
+    limit = roi_cfg.DETECTIONS_PER_IMAGE_TEST
+    if query_box is None:
+        emb = emb * scores[:, None]  # CWS, gallery images only
+    else:
         qbox = torch.as_tensor(query_box, dtype=torch.float32).reshape(1, 4)
         qbox_t = qbox * ratio
         q_emb = _embed(model, feats, qbox_t, image_list.image_sizes)
         keep = box_ops.box_iou(qbox_t, boxes)[0] <= 0.5
         boxes, scores, emb = boxes[keep], scores[keep], emb[keep]
-    keep = box_ops.nms(boxes, scores, 0.5)
+        limit -= 1
+    keep = box_ops.nms(boxes, scores, 0.5)[:limit]
     boxes, scores, emb = boxes[keep] / ratio, scores[keep], emb[keep]
     if query_box is not None:
         boxes = torch.cat([qbox, boxes])
@@ -524,3 +597,28 @@ def test_original_prw_checkpoint_with_other_table_size(original_prw, world, tmp_
         # named in the current spelling (old names are renamed before the check)
         assert missing.replace("inner_blocks.2.", "inner_blocks.2.0.") in str(info.value)
         assert "missing" in str(info.value)
+
+
+def test_metrics_follow_the_cross_camera_and_cbgm_switches(original_prw, synthetic_prw_root, tmp_path):
+    """PRW: for EVAL_CROSS_CAMERA and EVAL_USE_CBGM, metrics.json holds what the protocols give
+    on the run's eval_cache.pth under that switch, and each switch changes the result here.
+    The larger test world (30 frames, where query people also appear in their own camera) and
+    ground-truth gallery boxes, so that the random-weight model has hits to rank."""
+    out = tmp_path / "eval"
+    root = synthetic_prw_root
+    runs = [dict(cross_camera=False), dict(cross_camera=True), dict(cross_camera=False, cbgm=True),
+            dict(cross_camera=True, cbgm=True)]
+    written = []
+    for run in runs:
+        cbgm = run.get("cbgm", False)
+        _eval(original_prw["cfg_path"], original_prw["ckpt"], out, "INPUT.DATA_ROOT", root, "EVAL_USE_CACHE", True,
+              "EVAL_USE_GT", True, "EVAL_CROSS_CAMERA", run["cross_camera"], "EVAL_USE_CBGM", cbgm)
+        metrics = read_metrics(out)
+        assert metrics["cross_camera"] is run["cross_camera"] and metrics["cbgm"] is cbgm
+        assert metrics["gallery_size"] is None
+        expected = protocol_metrics(root, "PRW", load_cache(out / "eval_cache.pth"), **run)
+        assert metric_values(metrics) == pytest.approx(expected, abs=1e-12), run
+        written.append(metric_values(metrics))
+    all_cams, cross, all_cbgm, cross_cbgm = written
+    assert cross != all_cams, "cross-camera search must change the result on this world"
+    assert all_cbgm != all_cams and cross_cbgm != cross, "CBGM must change the result here"
