@@ -45,11 +45,26 @@ def inference_settings(cfg):
     }
 
 
+RAW_KEYS = ("gallery_dets", "gallery_feats", "query_dets", "query_feats", "query_box_feats")
+
+
+def read_cache(path):
+    """The dict of an eval_cache.pth, its raw outputs as numpy arrays.
+
+    The file holds tensors, strings and numbers only, so it is read with ``weights_only=True``:
+    a cache in a folder someone else could write to can never run code when it is loaded."""
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    for key in RAW_KEYS:
+        if key in cache:
+            cache[key] = [t.numpy() for t in cache[key]]
+    return cache
+
+
 def load_cache(path, fingerprint, settings):
     """Load a raw-output cache, refusing one written by another model or with other settings."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EVAL_USE_CACHE is set but there is no cache at {path}")
-    cache = torch.load(path, map_location="cpu", weights_only=False)
+    cache = read_cache(path)
     if cache.get("model_fingerprint") != fingerprint:
         raise StaleCacheError(
             f"{path} was written by another model (checkpoint {cache.get('checkpoint')!r}, "
@@ -67,7 +82,8 @@ def load_cache(path, fingerprint, settings):
 
 
 def save_cache(path, raw, fingerprint, settings, checkpoint):
-    payload = dict(raw)
+    """Write the raw outputs (numpy arrays, stored as tensors: see read_cache) atomically."""
+    payload = {key: [torch.from_numpy(a) for a in raw[key]] for key in RAW_KEYS}
     payload.update(model_fingerprint=fingerprint, settings=settings, checkpoint=checkpoint)
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -20,6 +20,7 @@ listing them. Two tolerated differences, both announced with a warning:
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import re
@@ -66,18 +67,34 @@ class CheckpointMismatchError(RuntimeError):
         return bool(keys) and all(k.startswith(prefix) for k in keys)
 
 
+# What a checkpoint may hold besides tensors and plain containers: the original release saved its
+# MultiStepLR state, whose milestones are a collections.Counter (a dict).
+_SAFE_GLOBALS = [collections.Counter]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds Python objects that loading it would have to execute."""
+
+
 def load_checkpoint_file(path: str):
-    """``torch.load`` on CPU. Tries ``weights_only=True`` first; files holding other Python objects
-    (possible in the original's optimizer/scheduler entries) are read with ``weights_only=False``
-    after a warning - only load checkpoints you trust."""
+    """``torch.load`` on CPU with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only (plus the Counter of an original scheduler state). A file holding any other
+    Python object is refused, never executed: loading it would run code it names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        warnings.warn(f"{path}: not loadable with weights_only=True ({err}); loading it with "
-                      f"weights_only=False", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: the message of torch.load says enough
+            found = []
+        objects = ", ".join(found) if found else str(err).splitlines()[-1]
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects other than tensors and plain containers ({objects}), which "
+            f"loading it would execute; it is refused. If you trust the file, load it yourself with "
+            f"torch.load(..., weights_only=False) and save its 'model' entry alone with torch.save.") from None
 
 
 def _is_state_dict(obj) -> bool:

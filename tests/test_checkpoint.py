@@ -239,3 +239,33 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     save_checkpoint(path, {"epoch": 2})
     assert torch.load(path, weights_only=True)["epoch"] == 2
     assert os.listdir(path.parent) == ["epoch_1.pth"]
+
+
+class _RunsCode:
+    """An object whose unpickling would run code (it writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_files_never_run_code(tmp_path):
+    """An original checkpoint's scheduler state (its milestones are a collections.Counter) loads;
+    a file holding any other Python object is refused with a message, and nothing in it runs."""
+    import collections
+
+    from models.checkpoint import UnsafeCheckpointError, load_checkpoint_file
+
+    ok = tmp_path / "original.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "lr_scheduler": {"milestones": collections.Counter({16: 1})},
+                "epoch": 19}, ok)
+    loaded = load_checkpoint_file(str(ok))
+    assert loaded["epoch"] == 19 and loaded["lr_scheduler"]["milestones"] == {16: 1}
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": _RunsCode(marker)}, bad)
+    with pytest.raises(UnsafeCheckpointError, match=r"bad.pth holds Python objects .*_RunsCode|bad.pth holds Python objects .*open"):
+        load_checkpoint_file(str(bad))
+    assert not marker.exists()

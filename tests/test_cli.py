@@ -52,7 +52,9 @@ def world(tmp_path_factory):
 
 
 def load_cache(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """An eval_cache.pth as users read it: a plain dict, loadable without running any code."""
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: [t.numpy() for t in v] if k in engine.evaluator.RAW_KEYS else v for k, v in cache.items()}
 
 
 def read_metrics(folder):
