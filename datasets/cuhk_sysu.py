@@ -56,8 +56,9 @@ class CUHKProtocol:
     """Search protocol of CUHK-SYSU for one gallery size (docs/ARCHITECTURE.md).
 
     ``query_gallery[q]``: indices into the gallery dataset's annotations forming query q's
-    gallery; ``gt_query``, ``gt_gallery``, ``gt_boxes``: one row per (query, gallery image) pair
-    where the query person appears, with its box there (x1, y1, x2, y2).
+    gallery; ``gt_query``, ``gt_gallery``, ``gt_boxes``: one row per gallery entry where the
+    query person appears, with its box there (x1, y1, x2, y2). An image listed twice in a TestG
+    gallery has two rows (the original counts both); the whole gallery (-1) lists each image once.
     """
 
     gallery_size: int
@@ -420,6 +421,9 @@ class CUHKSYSU(PersonSearchDataset):
             gt_boxes = boxes[sel].astype(np.float32)
             not_own = gt_gallery != own[gt_query]
             gt_query, gt_gallery, gt_boxes = gt_query[not_own], gt_gallery[not_own], gt_boxes[not_own]
+            # one entry per image: a person annotated twice in an image keeps the first box
+            _, first = np.unique(gt_query * max(num_gallery, 1) + gt_gallery, return_index=True)
+            gt_query, gt_gallery, gt_boxes = gt_query[first], gt_gallery[first], gt_boxes[first]
             order = np.lexsort((gt_gallery, gt_query))
             return CUHKProtocol(
                 size,

@@ -149,3 +149,47 @@ def files_under(folder, suffix: str = "") -> Sequence[str]:
     return sorted(
         os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(suffix)
     )
+
+
+class Interrupted(Exception):
+    """Raised by `straight_and_resumed` to stop a run at the start of its second epoch."""
+
+
+def straight_and_resumed(straight_opts, resumed_opts, resumed_dir, monkeypatch):
+    """Train a run of at least 2 epochs straight; train the same run in another folder, stopped at
+    the start of epoch 1; disturb every RNG; continue it with `--resume --ckpt epoch_0.pth`.
+    Returns the two final checkpoints (straight, resumed) and the straight run's epoch_0 one, as
+    loaded dicts: a bitwise-exact resume gives equal dicts."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import train_ddps
+    from engine.trainer import Trainer
+
+    train_ddps.main(list(straight_opts))
+    real_train_epoch = Trainer.train_epoch
+
+    def crash_at_epoch_1(self, epoch):
+        if epoch == 1:
+            raise Interrupted
+        return real_train_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_at_epoch_1)
+    with pytest.raises(Interrupted):
+        train_ddps.main(list(resumed_opts))
+    monkeypatch.setattr(Trainer, "train_epoch", real_train_epoch)
+    resumed_dir = pathlib.Path(resumed_dir)
+    assert sorted(os.listdir(resumed_dir)) == ["config.yaml", "epoch_0.pth"]
+    random.seed(987)
+    np.random.seed(987)
+    torch.manual_seed(987)
+    torch.rand(1000)
+    train_ddps.main(["--resume", "--ckpt", str(resumed_dir / "epoch_0.pth")] + list(resumed_opts))
+    straight_dir = pathlib.Path(dict(zip(straight_opts[::2], straight_opts[1::2]))["OUTPUT_DIR"])
+
+    def load(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    return load(straight_dir / "epoch_1.pth"), load(resumed_dir / "epoch_1.pth"), load(straight_dir / "epoch_0.pth")

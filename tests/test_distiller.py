@@ -21,13 +21,12 @@ import train_ddps
 from configs import ConfigError, load_config
 from engine.build import build_distiller, build_eval_model
 from engine.schedule import build_optimizer
-from engine.trainer import Trainer
 from models import build_model
 from models.checkpoint import CheckpointMismatchError
 from models.distill import (LEGACY_TYPES, TERMS, CDTerm, DFDTerm, Distiller, DistillTerm, LDTerm, TeacherOutputs,
                             build_terms, known_terms, register_term, term_names)
 from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from tests.helpers import small_opts, state_dicts_equal
+from tests.helpers import small_opts, state_dicts_equal, straight_and_resumed
 
 TEACHER = "resnet18_x05"  # CPU-sized; SPEC's teacher is resnet50, the wiring is the same
 STUDENT = "resnet18_x05"
@@ -409,10 +408,6 @@ def test_every_term_round_trips_through_a_checkpoint(synthetic_root, teacher_ckp
         build_distiller(other, log=quiet).load_checkpoint_state(state)
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_resume_with_every_term_reproduces_an_uninterrupted_run(synthetic_root, teacher_ckpt, tmp_path, monkeypatch):
     """2 epochs straight vs 1 epoch, a crash and --resume: the final checkpoints are bitwise equal,
     every term's parts and the RNG (MGD's masks) included."""
@@ -421,24 +416,7 @@ def test_resume_with_every_term_reproduces_an_uninterrupted_run(synthetic_root, 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     opts_s, _ = all_terms_opts(synthetic_root, teacher_ckpt, straight, **common)
     opts_r, _ = all_terms_opts(synthetic_root, teacher_ckpt, resumed, **common)
-    train_ddps.main(opts_s)
-    real_train_epoch = Trainer.train_epoch
-
-    def crash_at_epoch_1(self, epoch):
-        if epoch == 1:
-            raise _Interrupted
-        return real_train_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_epoch_1)
-    with pytest.raises(_Interrupted):
-        train_ddps.main(opts_r)
-    monkeypatch.setattr(Trainer, "train_epoch", real_train_epoch)
-    torch.manual_seed(987)
-    torch.rand(100)
-    train_ddps.main(["--resume", "--ckpt", str(resumed / "epoch_0.pth")] + opts_r)
-    a = torch.load(straight / "epoch_1.pth", map_location="cpu", weights_only=True)
-    b = torch.load(resumed / "epoch_1.pth", map_location="cpu", weights_only=True)
-    first = torch.load(straight / "epoch_0.pth", map_location="cpu", weights_only=True)
+    a, b, first = straight_and_resumed(opts_s, opts_r, resumed, monkeypatch)
     assert state_dicts_equal(a, b) == []
     assert state_dicts_equal(first["model"], a["model"]) != []  # the run moved in between
 

@@ -355,21 +355,26 @@ def test_cbgm_hand_case():
     assert only_q["aps"][0] == pytest.approx(0.5)
 
 
-def test_cbgm_takes_the_largest_matched_weight_not_the_total():
-    # gallery image 0 holds the person (x1) and a companion (x0); image 1 a distractor y (0.7).
-    # matching of image 0: q-x1 (0.5) + o-x0 (0.6) = 1.1 beats q-x0 (0.3) + o-x1 (0.0) = 0.3, so
-    # x1 becomes max(0.5, 0.6) = 0.6 < 0.7: the distractor stays first. The total (1.1) would
-    # put the person first: top-1 tells the two rules apart.
-    annos = [anno("im0", [[0, 0, 100, 200], [200, 0, 300, 200]], [5555, 1]),
-             anno("im1", [[0, 0, 100, 200]], [5555])]
-    gdets = [dets([0, 0, 100, 200, 0.9], [200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])]
-    gfeats = [feats([0.3, 0.6, 0], [0.5, 0.0, 0], dim=3), feats([0.7, 0.0, 0], dim=3)]
+def _cbgm_world(annos, gdets, gfeats):
+    """Two gallery images (the person's box [200, 0, 300, 200] in image 0), query q = (1, 0, 0)
+    and one companion o = (0, 1, 0) in the query image: the eval_search_cuhk arguments."""
     prot = protocol(2, [[0, 1]], [(0, 0, [200, 0, 300, 200])])
     gallery = FakeDataset("CUHK-SYSU", annos, {2: prot})
     query = FakeDataset("CUHK-SYSU", [anno("q", BOX, [1])])
     qimg_feats = [feats([1, 0, 0], [0, 1, 0], dim=3)]
     qimg_dets = [dets([0, 0, 100, 200, 1.0], [200, 0, 300, 200, 1.0])]
-    args = (gallery, query, gdets, gfeats, [feats([1, 0, 0], dim=3)], qimg_dets, qimg_feats)
+    return gallery, query, gdets, gfeats, [feats([1, 0, 0], dim=3)], qimg_dets, qimg_feats
+
+
+def test_cbgm_takes_the_largest_matched_weight_not_the_total():
+    # gallery image 0 holds the person (x1) and a companion (x0); image 1 a distractor y (0.7).
+    # matching of image 0: q-x1 (0.5) + o-x0 (0.6) = 1.1 beats q-x0 (0.3) + o-x1 (0.0) = 0.3, so
+    # x1 becomes max(0.5, 0.6) = 0.6 < 0.7: the distractor stays first. The total (1.1) would
+    # put the person first: top-1 tells the two rules apart.
+    args = _cbgm_world(
+        [anno("im0", [[0, 0, 100, 200], [200, 0, 300, 200]], [5555, 1]), anno("im1", [[0, 0, 100, 200]], [5555])],
+        [dets([0, 0, 100, 200, 0.9], [200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])],
+        [feats([0.3, 0.6, 0], [0.5, 0.0, 0], dim=3), feats([0.7, 0.0, 0], dim=3)])
     res = ev.eval_search_cuhk(*args, gallery_size=2, cbgm=True, k2=2)
     # ranking 0.7 (y), 0.6 (x1, hit), 0.3 (x0): AP = 1/2, not top-1
     assert res["aps"][0] == pytest.approx(0.5) and res["topk"][0].tolist() == [0, 1, 1]
@@ -378,15 +383,9 @@ def test_cbgm_takes_the_largest_matched_weight_not_the_total():
 def test_cbgm_leaves_an_unmatched_query_person_alone():
     # one detection x (the person, 0.5 to q) and two query-image people: the companion o is more
     # similar to x (0.9), so the matching pairs o-x and leaves q unmatched: x keeps 0.5.
-    annos = [anno("im0", [[200, 0, 300, 200]], [1]), anno("im1", [[0, 0, 100, 200]], [5555])]
-    gdets = [dets([200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])]
-    gfeats = [feats([0.5, 0.9, 0], dim=3), feats([0.7, 0.0, 0], dim=3)]
-    prot = protocol(2, [[0, 1]], [(0, 0, [200, 0, 300, 200])])
-    gallery = FakeDataset("CUHK-SYSU", annos, {2: prot})
-    query = FakeDataset("CUHK-SYSU", [anno("q", BOX, [1])])
-    qimg_feats = [feats([1, 0, 0], [0, 1, 0], dim=3)]
-    qimg_dets = [dets([0, 0, 100, 200, 1.0], [200, 0, 300, 200, 1.0])]
-    args = (gallery, query, gdets, gfeats, [feats([1, 0, 0], dim=3)], qimg_dets, qimg_feats)
+    args = _cbgm_world([anno("im0", [[200, 0, 300, 200]], [1]), anno("im1", [[0, 0, 100, 200]], [5555])],
+                       [dets([200, 0, 300, 200, 0.9]), dets([0, 0, 100, 200, 0.9])],
+                       [feats([0.5, 0.9, 0], dim=3), feats([0.7, 0.0, 0], dim=3)])
     plain = ev.eval_search_cuhk(*args, gallery_size=2)
     res = ev.eval_search_cuhk(*args, gallery_size=2, cbgm=True, k2=2)
     assert res["aps"][0] == pytest.approx(plain["aps"][0]) == pytest.approx(0.5)
@@ -481,7 +480,7 @@ def ref_cuhk(world, size, **kw):
     positives = [dict() for _ in galleries]
     for q, g, box in zip(prot.gt_query, prot.gt_gallery, prot.gt_boxes):
         if g in galleries[q]:
-            positives[q].setdefault(int(g), box.astype(float))  # a repeated pair keeps its first box
+            positives[q].setdefault(int(g), box.astype(float))
     return ref_search(world["gdets"], world["gfeats"], world["qbox"], world["qimg_feats"], galleries, positives, **kw)
 
 
@@ -564,10 +563,8 @@ def make_world(seed, n_img=26, n_ids=6, n_query=14, dim=6, dyadic=True, sizes=(4
                 row = rng.permutation(row).tolist()
             rows.append(row)
             for g in others:  # includes pairs outside the gallery: they must be ignored
-                if pid in annos[g]["pids"]:
-                    boxes = annos[g]["boxes"][annos[g]["pids"] == pid]
-                    for b in boxes:  # a repeated pair: the first box counts
-                        gt.append((q, g, b))
+                if pid in annos[g]["pids"]:  # one row per image, as a TestG entry: its first box
+                    gt.append((q, g, annos[g]["boxes"][annos[g]["pids"] == pid][0]))
         perm = rng.permutation(len(gt))
         protocols[size] = protocol(size, rows, [gt[j] for j in perm])
     return {

@@ -7,7 +7,6 @@ tested in test_cli.py).
 """
 
 import os
-import random
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from engine.trainer import NonFiniteLossError, Trainer
 from models import build_model
 from models.oim import UNLABELED_PID
 from models.seqnet import SeqNetFPN
-from tests.helpers import one_torch_thread, small_cfg, small_opts, state_dicts_equal  # noqa: F401 (fixture)
+from tests.helpers import one_torch_thread, small_cfg, small_opts, state_dicts_equal, straight_and_resumed  # noqa: F401,E501
 from utils.misc import set_seed
 
 HEADER_KEY = "roi_heads.reid_loss.header_cq"
@@ -129,17 +128,6 @@ def test_one_training_step_moves_weights_and_oim_tables(synthetic_root, tmp_path
     assert scheduler.last_epoch == 1
 
 
-def _perturb_rng():
-    random.seed(987)
-    np.random.seed(987)
-    torch.manual_seed(987)
-    torch.rand(1000)
-
-
-class _Interrupted(Exception):
-    pass
-
-
 def test_resume_reproduces_an_uninterrupted_run(synthetic_root, tmp_path, monkeypatch):
     """2 epochs straight vs 1 epoch, a crash, and `--resume --ckpt epoch_0.pth` in a fresh state:
     the final checkpoints are bitwise equal (weights, OIM lut / cq / head, optimizer momentum,
@@ -148,28 +136,8 @@ def test_resume_reproduces_an_uninterrupted_run(synthetic_root, tmp_path, monkey
     common = dict(SOLVER__MAX_EPOCHS=2, SOLVER__MAX_ITERS_PER_EPOCH=2, SOLVER__BASE_LR=0.01,
                   SOLVER__LR_DECAY_MILESTONES="[1]", SEED=5)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_ddps.main(small_opts(synthetic_root, "PRW", straight, **common))
-
-    real_train_epoch = Trainer.train_epoch
-
-    def crash_at_epoch_1(self, epoch):
-        if epoch == 1:
-            raise _Interrupted
-        return real_train_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_epoch_1)
-    with pytest.raises(_Interrupted):
-        train_ddps.main(small_opts(synthetic_root, "PRW", resumed, **common))
-    monkeypatch.setattr(Trainer, "train_epoch", real_train_epoch)
-    assert sorted(os.listdir(resumed)) == ["config.yaml", "epoch_0.pth"]
-
-    _perturb_rng()
-    train_ddps.main(["--resume", "--ckpt", str(resumed / "epoch_0.pth")]
-                    + small_opts(synthetic_root, "PRW", resumed, **common))
-
-    a = torch.load(straight / "epoch_1.pth", map_location="cpu", weights_only=True)
-    b = torch.load(resumed / "epoch_1.pth", map_location="cpu", weights_only=True)
-    first = torch.load(straight / "epoch_0.pth", map_location="cpu", weights_only=True)
+    a, b, first = straight_and_resumed(small_opts(synthetic_root, "PRW", straight, **common),
+                                       small_opts(synthetic_root, "PRW", resumed, **common), resumed, monkeypatch)
     assert b["epoch"] == a["epoch"] == 1
     assert b["lr_scheduler"]["last_epoch"] == a["lr_scheduler"]["last_epoch"] == 4
     assert state_dicts_equal(a, b) == []
