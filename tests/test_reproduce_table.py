@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from configs import dump_config, load_config
 from models.distill import term_names
@@ -290,14 +291,20 @@ def test_a_failed_run_is_reported_and_its_dependents_skipped(tmp_path, monkeypat
 def test_quick_end_to_end_then_nothing_is_redone(tmp_path, monkeypatch):
     out = tmp_path / "table"
     # one thread: two threads on two cores shared with other busy processes are several times slower
-    argv = QUICK + ["--out", str(out), "--threads", "1"]
+    # --comparison: every comparison method trains and is evaluated from the table's own configs
+    argv = QUICK + ["--comparison", "--out", str(out), "--threads", "1"]
     assert rt.main(argv) == 0
     md = (out / "table.md").read_text()
     for row in ("| teacher ResNet-18 | 1 |", "| ResNet-18 x0.5 | 1 |", "| ResNet-18 x0.5 + DDPS | 1 |",
-                "| ResNet-18 x0.5 + DFD | 1 |"):
+                "| ResNet-18 x0.5 + DFD | 1 |", "| ResNet-18 x0.5 + ReviewKD + LD + CD | 1 |", "| ResNet-18 x0.5 + MGD | 1 |"):
         assert row in md
     data = json.load(open(out / "table.json"))
-    assert [r["name"] for r in data["runs"]] == ["teacher", "resnet18_x05", "resnet18_x05_ddps", "resnet18_x05_dfd"]
+    assert [r["name"] for r in data["runs"]] == ["teacher", "resnet18_x05", "resnet18_x05_ddps", "resnet18_x05_dfd"] + [
+        f"resnet18_x05_{m}" for m in rt.COMPARISONS]
+    for name, parts in (("resnet18_x05_reviewkd_ld_cd", {"student", "reviewkd"}), ("resnet18_x05_mgd", {"student", "mgd"}),
+                        ("resnet18_x05_pkd", {"student"})):  # equal FPN widths: PKD has no align conv to save
+        ckpt = torch.load(out / "seed0" / name / "epoch_0.pth", map_location="cpu", weights_only=True)
+        assert set(ckpt["model"]) == parts, name
     for r in data["runs"]:
         assert r["status"] == "done" and r["train_seconds"] > 0
         assert all(0.0 <= r[k] <= 1.0 for k in rt.METRIC_KEYS)

@@ -18,12 +18,14 @@ teacher run heads that its declaration says it does not need.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, FrozenSet, Iterable, Optional
+import functools
+from typing import ClassVar, Dict, FrozenSet, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TEACHER_OUTPUTS", "DistillTerm", "TeacherOutputs", "teacher_outputs", "FPN_LEVELS", "ALL_FPN_LEVELS"]
+__all__ = ["ALL_FPN_LEVELS", "FPN_LEVELS", "TEACHER_OUTPUTS", "DistillTerm", "TeacherOutputs", "check_levels", "float32_losses",
+           "teacher_outputs"]
 
 TEACHER_OUTPUTS = ("features", "proposal_logits", "box_embeddings", "oim_logits")
 # the four FPN outputs of fpn.layer_blocks.0-3 (strides 4-32) and the five with the pooled level
@@ -33,6 +35,16 @@ ALL_FPN_LEVELS = ("0", "1", "2", "3", "pool")
 # what each output is computed from (besides the student's record)
 _REQUIRES = {"features": (), "proposal_logits": ("features",), "box_embeddings": ("features",),
              "oim_logits": ("box_embeddings",)}
+
+
+def check_levels(levels: Sequence[str], key: str) -> tuple:
+    """The FPN levels a config key names, validated: non-empty, known names, no repeats."""
+    levels = tuple(str(level) for level in levels)
+    unknown = [level for level in levels if level not in ALL_FPN_LEVELS]
+    if unknown or not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"{key} must name distinct FPN levels among {', '.join(ALL_FPN_LEVELS)}; "
+                         f"got {list(levels)}" + (f" (unknown: {unknown})" if unknown else ""))
+    return levels
 
 
 class TeacherOutputs:
@@ -126,7 +138,6 @@ class DistillTerm(nn.Module):
 def float32_losses(fn):
     """Decorator for a term's ``forward``: compute the losses with autocast off (under AMP the
     arithmetic of a loss would otherwise run in half precision), in float32."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(self, student, teacher):

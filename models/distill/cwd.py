@@ -30,20 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ALL_FPN_LEVELS, DistillTerm, float32_losses
+from .base import DistillTerm, check_levels, float32_losses
 from .registry import register_term
 
-__all__ = ["CWDTerm", "check_levels", "cwd_loss"]
-
-
-def check_levels(levels: Sequence[str], key: str) -> tuple:
-    """The FPN levels a config key names, validated: non-empty, known names, no repeats."""
-    levels = tuple(str(level) for level in levels)
-    unknown = [level for level in levels if level not in ALL_FPN_LEVELS]
-    if unknown or not levels or len(set(levels)) != len(levels):
-        raise ValueError(f"{key} must name distinct FPN levels among {', '.join(ALL_FPN_LEVELS)}; "
-                         f"got {list(levels)}" + (f" (unknown: {unknown})" if unknown else ""))
-    return levels
+__all__ = ["CWDTerm", "cwd_loss"]
 
 
 def cwd_loss(feat_s: Tensor, feat_t: Tensor, tau: float = 1.0) -> Tensor:

@@ -29,8 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import DistillTerm, float32_losses
-from .cwd import check_levels
+from .base import DistillTerm, check_levels, float32_losses
 from .registry import register_term
 
 __all__ = ["MGDGeneration", "MGDTerm", "mgd_loss", "random_spatial_mask"]
