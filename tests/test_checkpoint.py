@@ -81,7 +81,7 @@ def _payload(sd, layout):
         return {"model": sd, "optimizer": {"state": {}, "param_groups": []},
                 "lr_scheduler": {"milestones": {16: 1}}, "epoch": 19}
     if layout.startswith("distillation"):
-        fgd = {"loss_fgd_fpn_0": {"conv_mask_s.weight": torch.zeros(1, 256, 1, 1)}}
+        fgd = {"loss_fgd_fpn_layer_0": {"conv_mask_s.weight": torch.zeros(1, 256, 1, 1)}}
         return {"model": {"student": sd, "fgd": fgd}, "optimizer": {}, "epoch": 19}
     return sd
 

@@ -357,7 +357,7 @@ def to_original_state_dict(sd):
 def original_checkpoint(sd, distillation=False):
     model_entry = to_original_state_dict(sd)
     if distillation:
-        fgd = {f"loss_fgd_fpn_{i}": {"generation.0.weight": torch.randn(256, 256, 3, 3) * 0.01,
+        fgd = {f"loss_fgd_fpn_layer_{i}": {"generation.0.weight": torch.randn(256, 256, 3, 3) * 0.01,
                                      "conv_mask_s.weight": torch.randn(1, 256, 1, 1)} for i in range(4)}
         model_entry = {"student": model_entry, "fgd": fgd}
     return {"model": model_entry,

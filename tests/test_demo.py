@@ -38,7 +38,7 @@ def checkpoints(world, tmp_path_factory):
     torch.manual_seed(0)
     sd = build_model(single_cfg, "baseline").state_dict()
     torch.save({"model": sd, "epoch": 3}, folder / "single.pth")
-    fgd = {f"loss_fgd_fpn_{i}": {"conv_mask_s.weight": torch.zeros(1, 256, 1, 1)} for i in range(4)}
+    fgd = {f"loss_fgd_fpn_layer_{i}": {"conv_mask_s.weight": torch.zeros(1, 256, 1, 1)} for i in range(4)}
     torch.save({"model": {"student": sd, "fgd": fgd}, "epoch": 3}, folder / "student.pth")
     return {
         "single": (write_yaml(single_cfg, folder / "single.yaml"), str(folder / "single.pth")),

@@ -15,8 +15,10 @@ With a TYPE that contains DDPS's terms, the switches FGD.ENABLED, DKD.ENABLED an
 GRAPHRELA.ENABLED (kept so that configs written by earlier versions of this project mean the same)
 remove a term; DISTILLER.TERMS is the way to write any combination.
 
-``check_config`` runs when a config is loaded (``configs.load_config``): an unknown name in
-DISTILLER.TERMS or DISTILLER.TYPE stops there, with the known names listed.
+``check_config`` runs when a config is loaded (``configs.load_config``, once this package is
+imported: every entry point imports it before it loads a config): an unknown name in
+DISTILLER.TERMS or DISTILLER.TYPE stops there, with the known names listed, before any data or
+model is touched. Building a distiller checks the names again (``term_names``).
 """
 
 from __future__ import annotations
