@@ -20,10 +20,10 @@ FROZENBN2d as in each config), random weights and synthetic inputs, it measures:
   a batch of B synthetic images with a few random person boxes, labels within the OIM table);
 - the DDPS step of each student with a freshly built resnet50 teacher (the Distiller of the
   ddps.yaml config, no checkpoint), next to the student's own step (the same student module)
-  and the teacher's forward alone (no grad, on the student's transformed batch: the calls the
-  distiller makes: extract_features, roi_heads.proposal_logits, roi_heads.box_embeddings);
+  and the teacher's forward alone (no grad, on the student's transformed batch: the outputs the
+  DDPS terms declare: FPN maps, logits on the proposals, embeddings and OIM logits on the boxes);
   overhead = DDPS step - (student step + teacher forward), in % of (student step + teacher
-  forward); the issue's target is <= 10%. The three are measured in interleaved rounds, so that
+  forward); the target is <= 10%. The three are measured in interleaved rounds, so that
   load from other processes hits them alike. A breakdown of the distillation terms (DFD per
   level, LD, CD with the teacher's OIM logits; forward + backward each, on the same batch) is
   always given; a torch.profiler profile of the student step and the DDPS step (labelled regions
@@ -788,8 +788,9 @@ def markdown(result):
                   "`ddps.yaml` (student and RPN / RoI settings as in that file), a freshly built resnet50 "
                   "teacher (random weights, no checkpoint). Student step: the same student module trained "
                   "alone; teacher forward: what the distiller asks of the teacher, without gradients, on "
-                  "the student's transformed batch (extract_features, roi_heads.proposal_logits on the "
-                  "sampled proposals, roi_heads.box_embeddings on the sampled second-stage boxes). "
+                  "the student's transformed batch: the outputs the DDPS terms declare (its FPN maps, its "
+                  "logits on the sampled proposals, its embeddings and OIM logits on the sampled "
+                  "second-stage boxes). "
                   "Overhead = DDPS step - (student step + teacher forward), in % of the latter; target "
                   f"<= {OVERHEAD_TARGET_PCT:.0f}% (judged on the wall-clock medians). Measured in interleaved "
                   "rounds. The last columns: the same ratio in CPU time of this process (user + system, all "
