@@ -696,4 +696,4 @@ def test_nae_projections_start_as_seqnet_initialises_them():
             w = layer.weight.detach()
             assert abs(float(w.mean())) < 0.01 and 0.005 < float(w.std()) < 0.02, layer
             assert torch.count_nonzero(layer.bias) == 0
-    assert float(heads.embedding_head.rescaler.weight) == 1.0  # the rescaler keeps torch's default
+    assert float(heads.embedding_head.rescaler.weight.detach()) == 1.0  # the rescaler keeps torch's default
