@@ -216,6 +216,7 @@ def test_a_teacher_identical_to_the_student_gives_zero_terms(synthetic_root, tmp
         assert abs(losses["loss_ld"]) < 1e-7 and abs(losses["loss_cd"]) < 1e-7
 
 
+@pytest.mark.filterwarnings("ignore:ignoring .* num_batches_tracked")  # a BatchNorm teacher, frozen here
 def test_ddps_terms_are_not_zero_with_another_teacher(synthetic_root, teacher_ckpt):
     """The counterpart of the zero test: the same student, heads in eval mode, another teacher."""
     losses = seeded_losses(load_config(None, distill_opts(synthetic_root, teacher_ckpt, frozen_bn=True)),
