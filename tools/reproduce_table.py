@@ -69,7 +69,7 @@ ABLATIONS = ("dfd", "ld", "cd", "dfd_ld", "dfd_cd", "ld_cd")
 COMPARISONS = {"pkd": "PKD", "pkd_ld_cd": "PKD + LD + CD", "reviewkd": "ReviewKD",
                "reviewkd_ld_cd": "ReviewKD + LD + CD", "cwd": "CWD", "mgd": "MGD"}
 
-# Defaults fitted to the 3-hour budget of a 2-core CPU (see estimate_seconds).
+# Defaults that fit in about 2.5 hours of a quiet 2-core CPU (see estimate_seconds).
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STUDENTS = ("resnet18_x05",)
 
