@@ -41,7 +41,7 @@ import torch
 
 from configs import dump_config, load_config
 from datasets.loaders import build_test_loaders, build_train_loader
-from engine.build import build_eval_model, build_train_module
+from engine.build import build_eval_model, build_train_module, check_training_inputs
 from models.checkpoint import load_checkpoint_file, load_model_weights
 from engine.evaluator import evaluate
 from engine.schedule import align_scheduler, build_lr_scheduler, build_optimizer
@@ -98,6 +98,7 @@ def run_train(cfg, args, device):
     distributed = is_distributed()
     main_proc = is_main_process()
     log = print if main_proc else _quiet
+    check_training_inputs(cfg)  # before the data and the models are built
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     if main_proc:
         dump_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))

@@ -60,15 +60,22 @@ def build_eval_model(cfg, ckpt_path, device, log=print):
     return model, {"role": role, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
 
 
-def build_teacher(cfg, log=print):
-    """Build DISTILLER.TEACHER and load DISTILLER.TEACHER.CKPT strictly and completely (its OIM
-    tables included: CD scores people with them)."""
+def teacher_checkpoint_path(cfg):
+    """DISTILLER.TEACHER.CKPT, checked to name an existing file (cheap: done before any model is
+    built)."""
     path = cfg.DISTILLER.TEACHER.CKPT
     if not path:
         raise ValueError("DISTILLER.TEACHER.CKPT is empty: distillation needs the teacher's checkpoint "
                          "(set it in the config or on the command line: DISTILLER.TEACHER.CKPT path/epoch_19.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint not found: {path} (DISTILLER.TEACHER.CKPT)")
+    return path
+
+
+def build_teacher(cfg, log=print):
+    """Build DISTILLER.TEACHER and load DISTILLER.TEACHER.CKPT strictly and completely (its OIM
+    tables included: CD scores people with them)."""
+    path = teacher_checkpoint_path(cfg)
     teacher = build_model(without_imagenet_weights(cfg, "teacher"), role="teacher")
     ckpt = load_checkpoint_file(path)
     try:
@@ -83,9 +90,18 @@ def build_teacher(cfg, log=print):
     return teacher
 
 
+def check_training_inputs(cfg):
+    """The cheap checks of what a training run will read, before the data or a model is built:
+    a distillation run's teacher checkpoint must exist."""
+    if is_distillation(cfg) and term_names(cfg):
+        teacher_checkpoint_path(cfg)
+
+
 def build_distiller(cfg, log=print):
     """The distiller of a distillation config: student, teacher and the configured terms."""
-    names = term_names(cfg)  # an unknown method stops here, before any model is built
+    names = term_names(cfg)  # an unknown method or a missing teacher stops here, before any model is built
+    if names:
+        teacher_checkpoint_path(cfg)
     student = build_model(cfg, role="student")
     if not names:
         log("distillation config without distillation terms: the student trains alone")

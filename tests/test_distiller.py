@@ -516,3 +516,14 @@ def test_teacher_without_oim_tables_is_refused(synthetic_root, teacher_ckpt, tmp
     cfg = load_config(None, distill_opts(synthetic_root, path))
     with pytest.raises(CheckpointMismatchError, match="reid_loss.lut"):
         build_distiller(cfg, log=quiet)
+
+
+def test_a_missing_teacher_stops_training_before_the_data_is_read(synthetic_root, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the training data was read before the teacher checkpoint was checked")
+
+    monkeypatch.setattr(train_ddps, "build_train_loader", no_data)
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="nope.pth.*DISTILLER.TEACHER.CKPT"):
+        train_ddps.main(distill_opts(synthetic_root, tmp_path / "nope.pth", output_dir=out))
+    assert not out.exists()  # nothing written either
