@@ -48,8 +48,9 @@ def dataset_example(cfg, num_gallery):
     """A query from the configured dataset and gallery images that include its true matches."""
     from datasets import build_dataset
 
-    query_set = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, None, "query")
-    gallery_set = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, None, "gallery")
+    cache = cfg.INPUT.ANNOTATION_CACHE_DIR
+    query_set = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, None, "query", cache_dir=cache)
+    gallery_set = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, None, "gallery", cache_dir=cache)
     q = query_set.annotations[0]
     pid = int(q["pids"][0])
     holding = [a for a in gallery_set.annotations if a["img_name"] != q["img_name"] and pid in a["pids"]]

@@ -42,6 +42,10 @@ _C.INPUT.BATCH_SIZE_TEST = 1
 _C.INPUT.NUM_WORKERS_TRAIN = 5
 # Number of data-loader worker processes for testing (0 = load in the main process).
 _C.INPUT.NUM_WORKERS_TEST = 1
+# Folder where parsed annotation files (Images.mat, TestG*.mat, PRW annotations) are kept, so
+# that later runs skip the parse while the files are unchanged. "" = $DDPS_CACHE_DIR, else
+# ~/.cache/ddps/annotations; "none" = parse every time.
+_C.INPUT.ANNOTATION_CACHE_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
 # SOLVER: optimisation schedule and loss weights
@@ -373,6 +377,7 @@ PROJECT_KEYS = frozenset(
         "DISTILLER.STUDENT.BACKBONE_WEIGHTS",
         "SOLVER.AMP",
         "SOLVER.MAX_ITERS_PER_EPOCH",
+        "INPUT.ANNOTATION_CACHE_DIR",
         "FGD.ENABLED",
         "FGD.WEIGHT",
         "DKD.ENABLED",

@@ -53,10 +53,13 @@ def build_dataset(
     transforms: Optional[Callable] = None,
     split: str = "train",
     check_images: bool = True,
+    cache_dir: Optional[str] = None,
 ) -> PersonSearchDataset:
     """Build one split ("train" | "gallery" | "query") of "CUHK-SYSU" or "PRW" read from ``root``.
 
     Every image is checked to exist and have a readable header unless ``check_images`` is False.
+    Parsed annotation files are kept in ``cache_dir`` (None: the default folder, see
+    ``datasets.parse_cache``; "none": not kept) and re-used while the files are unchanged.
     Raises ValueError for an unknown name or split, DatasetFileNotFoundError / DatasetError
     (a ValueError) naming the file for missing or malformed files.
     """
@@ -65,7 +68,7 @@ def build_dataset(
         raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
-    return DATASETS[key](root, transforms, split, check_images=check_images)
+    return DATASETS[key](root, transforms, split, check_images=check_images, cache_dir=cache_dir)
 
 
 from .loaders import build_test_loader, build_test_loaders, build_train_loader, collate_fn  # noqa: E402

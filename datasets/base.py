@@ -83,8 +83,21 @@ def match_rows(table: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return first[inverse[n:]]
 
 
-def check_image_files(paths: List[str]) -> None:
-    """Check that every image exists and that its header can be read (no full decode)."""
+def check_image_files(paths: List[str], cache_dir: Optional[str] = None, name: str = "images") -> None:
+    """Check that every image exists and that its header can be read (no full decode).
+
+    A list that passed is remembered in the annotation cache (``datasets.parse_cache``) with
+    every file's size and modification time: an unchanged list is not opened again."""
+    from .parse_cache import load_or_parse
+
+    try:  # the cache's look at every file (os.stat) is also the check that it exists
+        load_or_parse(paths, lambda: _check_headers(paths), f"image_headers.{name}", cache_dir=cache_dir)
+    except FileNotFoundError as exc:
+        missing = next((p for p in paths if not os.path.isfile(p)), exc.filename)
+        raise DatasetFileNotFoundError(f"missing image file: {missing}") from exc
+
+
+def _check_headers(paths: List[str]) -> list:
     for path in paths:
         if not os.path.isfile(path):
             raise DatasetFileNotFoundError(f"missing image file: {path}")
@@ -96,6 +109,7 @@ def check_image_files(paths: List[str]) -> None:
             raise DatasetError(f"unreadable image file {path}: {exc}") from exc
         if width <= 0 or height <= 0:
             raise DatasetError(f"unreadable image file {path}: empty image ({width}x{height})")
+    return []  # nothing to keep but the fact that the list passed
 
 
 def load_image(path: str) -> Image.Image:
@@ -126,18 +140,22 @@ class PersonSearchDataset(torch.utils.data.Dataset):
         transforms: Optional[Callable] = None,
         split: str = "train",
         check_images: bool = True,
+        cache_dir: Optional[str] = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
         self.root = str(root)
         self.transforms = transforms
         self.split = split
+        # where parsed annotation files are kept between builds (datasets.parse_cache)
+        self.cache_dir = cache_dir
         require_dir(self.root, f"{self.name} dataset root")
         self.img_prefix = self._image_dir()
         require_dir(self.img_prefix, f"{self.name} image folder")
         self.annotations: List[Dict] = self._load_annotations()
         if check_images:
-            check_image_files([a["img_path"] for a in self.annotations])
+            check_image_files([a["img_path"] for a in self.annotations], cache_dir=cache_dir,
+                              name=f"{self.name}.{split}")
         self.pid_to_class: Dict[int, int] = {}
         self.num_classes = 0
         self._labels: Optional[List[np.ndarray]] = None

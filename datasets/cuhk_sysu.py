@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List
 
 import numpy as np
@@ -76,10 +76,13 @@ class CUHKProtocol:
 class _ImagesTable:
     path: str
     names: List[str]
-    index: Dict[str, int]
     xywh: np.ndarray  # int64 (M, 4), zero-size boxes dropped
     owner: np.ndarray  # int64 (M,) image index of each box
     offsets: np.ndarray  # int64 (N + 1,) boxes of image i: offsets[i]:offsets[i+1]
+    index: Dict[str, int] = field(init=False)  # image name -> position (names are distinct)
+
+    def __post_init__(self):
+        self.index = {name: i for i, name in enumerate(self.names)}
 
     def keys(self) -> np.ndarray:
         """(M, 5) rows (image index, x, y, w, h) used to match protocol boxes."""
@@ -122,7 +125,7 @@ def _parse_images(path: str) -> _ImagesTable:
     xywh, owner = xywh[keep], owner[keep]
     offsets = np.zeros(len(recs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.bincount(owner, minlength=len(recs)))
-    return _ImagesTable(path, names, index, xywh, owner, offsets)
+    return _ImagesTable(path, names, xywh, owner, offsets)
 
 
 def _parse_pool(path: str) -> List[str]:
@@ -217,6 +220,27 @@ def _parse_testg(path: str) -> _TestGTable:
     )
 
 
+@dataclass
+class _SplitTable:
+    """One split's annotations as the reader builds them (what the annotation cache keeps)."""
+
+    names: List[str]  # image names in split order
+    boxes: np.ndarray  # int32 (M, 4) x1 y1 x2 y2
+    pids: np.ndarray  # int32 (M,)
+    offsets: np.ndarray  # int64 (N + 1,) boxes of image i: offsets[i]:offsets[i + 1]
+    query_image: np.ndarray  # gallery split: gallery index of each query's image (else empty)
+    notes: List[str]  # DatasetWarnings of the build, repeated on every build from the cache
+
+    @classmethod
+    def pack(cls, annos: List[Dict], query_image, notes) -> "_SplitTable":
+        counts = np.fromiter((len(a["pids"]) for a in annos), dtype=np.int64, count=len(annos))
+        boxes = np.concatenate([a["boxes"] for a in annos]) if annos else np.zeros((0, 4), np.int32)
+        pids = np.concatenate([a["pids"] for a in annos]) if annos else np.zeros(0, np.int32)
+        return cls([a["img_name"] for a in annos], boxes.astype(np.int32).reshape(-1, 4), pids.astype(np.int32),
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   np.asarray(query_image, dtype=np.int64).reshape(-1), list(notes))
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -225,9 +249,9 @@ class CUHKSYSU(PersonSearchDataset):
 
     name = "CUHK-SYSU"
 
-    def __init__(self, root, transforms=None, split="train", check_images=True):
+    def __init__(self, root, transforms=None, split="train", check_images=True, cache_dir=None):
         self._protocols: Dict[int, CUHKProtocol] = {}
-        super().__init__(root, transforms, split, check_images=check_images)
+        super().__init__(root, transforms, split, check_images=check_images, cache_dir=cache_dir)
 
     # paths --------------------------------------------------------------------------------
     def _image_dir(self) -> str:
@@ -239,14 +263,17 @@ class CUHKSYSU(PersonSearchDataset):
     def testg_path(self, gallery_size: int) -> str:
         return self._anno_path("test", "train_test", f"TestG{int(gallery_size)}.mat")
 
+    def _parsed(self, path: str, parser, result_type=None):
+        return cached_parse(path, parser, cache_dir=self.cache_dir, result_type=result_type)
+
     def _images(self) -> _ImagesTable:
-        return cached_parse(self._anno_path("Images.mat"), _parse_images)
+        return self._parsed(self._anno_path("Images.mat"), _parse_images, _ImagesTable)
 
     def _pool(self) -> List[str]:
-        return cached_parse(self._anno_path("pool.mat"), _parse_pool)
+        return self._parsed(self._anno_path("pool.mat"), _parse_pool)
 
     def _testg(self, gallery_size: int) -> _TestGTable:
-        return cached_parse(self.testg_path(gallery_size), _parse_testg)
+        return self._parsed(self.testg_path(gallery_size), _parse_testg, _TestGTable)
 
     # annotations --------------------------------------------------------------------------
     def _make_anno(self, name: str, xywh: np.ndarray, pids: np.ndarray) -> Dict:
@@ -258,6 +285,43 @@ class CUHKSYSU(PersonSearchDataset):
         }
 
     def _load_annotations(self) -> List[Dict]:
+        """The split's annotations, built once per version of the files (annotation cache)."""
+        testg50 = self.testg_path(50)
+        if self.split == "query":
+            primary, sources = testg50, []
+        else:
+            primary = self._anno_path("Images.mat")
+            other = self._anno_path("test", "train_test", "Train.mat") if self.split == "train" else testg50
+            sources = [self._anno_path("pool.mat"), other]
+        table = cached_parse(primary, lambda _: self._build_split_table(), cache_dir=self.cache_dir,
+                             result_type=_SplitTable, sources=sources, name=f"CUHK-SYSU.{self.split}")
+        for note in table.notes:
+            warnings.warn(note, DatasetWarning, stacklevel=4)
+        if self.split == "gallery":
+            self._query_image = table.query_image
+            self._pool_names = table.names
+        return [
+            {
+                "img_name": name,
+                "img_path": os.path.join(self.img_prefix, name),
+                "boxes": table.boxes[table.offsets[i] : table.offsets[i + 1]].copy(),
+                "pids": table.pids[table.offsets[i] : table.offsets[i + 1]].copy(),
+            }
+            for i, name in enumerate(table.names)
+        ]
+
+    def _build_split_table(self) -> _SplitTable:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DatasetWarning)
+            annos = self._build_annotations()
+        notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+        for w in caught:  # anything else goes on as it came
+            if not issubclass(w.category, DatasetWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        query_image = getattr(self, "_query_image", np.zeros(0, np.int64)) if self.split == "gallery" else []
+        return _SplitTable.pack(annos, query_image, notes)
+
+    def _build_annotations(self) -> List[Dict]:
         if self.split == "query":
             return self._load_queries()
         images = self._images()
@@ -318,7 +382,7 @@ class CUHKSYSU(PersonSearchDataset):
         return "training set (Images.mat minus pool.mat)" if self.split == "train" else "gallery set (pool.mat)"
 
     def _label_train(self, images: _ImagesTable, pool_set, pids: np.ndarray) -> None:
-        train = cached_parse(self._anno_path("test", "train_test", "Train.mat"), _parse_train)
+        train = self._parsed(self._anno_path("test", "train_test", "Train.mat"), _parse_train, _TrainTable)
         allowed = _NotIn(pool_set)
         rows = self._locate(
             images,
@@ -380,8 +444,15 @@ class CUHKSYSU(PersonSearchDataset):
         if self.split != "gallery":
             raise ValueError(f"load_protocol needs the gallery split, this is {self.split!r}")
         size = int(gallery_size)
-        if size not in self._protocols:
-            self._protocols[size] = self._build_protocol(size)
+        if size <= 0 and size != -1:
+            raise ValueError(f"gallery size must be positive or -1, got {size}")
+        if size not in self._protocols and size == -1:
+            self._protocols[size] = self._build_protocol(size)  # cheap to build, large to keep
+        elif size not in self._protocols:
+            self._protocols[size] = cached_parse(
+                self.testg_path(size), lambda _: self._build_protocol(size), cache_dir=self.cache_dir,
+                result_type=CUHKProtocol, name="CUHK-SYSU.protocol",
+                sources=[self._anno_path("Images.mat"), self._anno_path("pool.mat"), self.testg_path(50)])
         if query_dataset is not None:
             self.check_query_order(query_dataset)
         return self._protocols[size]

@@ -78,7 +78,8 @@ def build_train_loader(cfg, distributed: bool = False, drop_last: bool = True) -
     the original's loader does (``drop_last=True``): it sets the number of steps per epoch, hence
     the length of the warm-up.
     """
-    dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, build_transforms(True), "train")
+    dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, build_transforms(True), "train",
+                            cache_dir=getattr(cfg.INPUT, "ANNOTATION_CACHE_DIR", None))
     replicas, rank = 1, 0
     if distributed:
         from utils.dist import get_rank, get_world_size
@@ -104,7 +105,8 @@ def build_test_loaders(cfg) -> Tuple[DataLoader, DataLoader]:
     transforms = build_transforms(False)
     loaders = []
     for split in ("gallery", "query"):
-        dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, transforms, split)
+        dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, transforms, split,
+                                cache_dir=getattr(cfg.INPUT, "ANNOTATION_CACHE_DIR", None))
         loaders.append(
             DataLoader(
                 dataset,

@@ -191,21 +191,31 @@ _PARSE_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _PARSE_CACHE_SIZE = 16
 
 
-def cached_parse(path: str, parser: Callable[[str], object]):
-    """``parser(path)``, memoised on (parser, absolute path, mtime, size).
+def cached_parse(path: str, parser: Callable[[str], object], cache_dir: Optional[str] = None,
+                 result_type=None, sources: Sequence[str] = (), name: Optional[str] = None):
+    """``parser(path)``, memoised in this process and on disk (``datasets.parse_cache``).
 
-    Several splits read the same large files (Images.mat, TestG50.mat); the parsed result is
-    treated as read-only by its users.
+    Several splits read the same large files (Images.mat, TestG50.mat) and every evaluation reads
+    them again: the parsed result is kept in memory on (parser, absolute path, mtime, size, and
+    the same of ``sources``, other files the parser reads) and in the disk cache under
+    ``cache_dir``. ``result_type``: the dataclass the parser returns (None: a list of strings).
+    The result is treated as read-only by its users.
     """
+    from .parse_cache import load_or_parse, resolve_cache_dir, source_stamp
+
     path = str(path)
     if not os.path.isfile(path):
         raise DatasetFileNotFoundError(f"missing annotation file: {path}")
-    st = os.stat(path)
-    key = (getattr(parser, "__qualname__", repr(parser)), os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    name = name or getattr(parser, "__qualname__", repr(parser))
+    files = [path, *sources]
+    if not all(os.path.isfile(f) for f in sources):
+        return parser(path)  # the parser names the missing file
+    # the folder is part of the key: a result memoised for one folder is still written to another
+    key = (name, resolve_cache_dir(cache_dir), tuple(tuple(s) for s in source_stamp(files)))
     if key in _PARSE_CACHE:
         _PARSE_CACHE.move_to_end(key)
         return _PARSE_CACHE[key]
-    value = parser(path)
+    value = load_or_parse(files, lambda: parser(path), name, cache_dir=cache_dir, result_type=result_type)
     _PARSE_CACHE[key] = value
     while len(_PARSE_CACHE) > _PARSE_CACHE_SIZE:
         _PARSE_CACHE.popitem(last=False)
@@ -213,4 +223,5 @@ def cached_parse(path: str, parser: Callable[[str], object]):
 
 
 def clear_cache() -> None:
+    """Forget the parse results held in memory (the disk cache stays)."""
     _PARSE_CACHE.clear()

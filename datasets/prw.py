@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
@@ -140,6 +141,27 @@ def _parse_frame_list(var: str):
     return parse
 
 
+@dataclass
+class _SplitBoxes:
+    """Every annotation file of a split's frames, read in frame-list order."""
+
+    names: List[str]  # frame names as listed (without extension)
+    boxes: np.ndarray  # int32 (M, 4) x1 y1 x2 y2, every row of every file
+    pids: np.ndarray  # int32 (M,)
+    nonempty: np.ndarray  # bool (M,)
+    offsets: np.ndarray  # int64 (N + 1,) rows of frame i: offsets[i]:offsets[i + 1]
+
+
+def _read_split_boxes(names: List[str], paths: List[str]) -> _SplitBoxes:
+    boxes, pids, nonempty = zip(*(read_prw_boxes(p) for p in paths)) if paths else ((), (), ())
+    counts = np.fromiter((len(b) for b in boxes), dtype=np.int64, count=len(paths))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cat = (lambda parts, shape, dtype: np.concatenate(parts).astype(dtype).reshape(shape)
+           if parts else np.zeros(shape, dtype))
+    return _SplitBoxes(list(names), cat(boxes, (-1, 4), np.int32), cat(pids, (-1,), np.int32),
+                       cat(nonempty, (-1,), bool), offsets)
+
+
 class PRW(PersonSearchDataset):
     """PRW person-search dataset (one split)."""
 
@@ -150,17 +172,28 @@ class PRW(PersonSearchDataset):
 
     def _frames(self, split: str) -> List[str]:
         fname, var = ("frame_train.mat", "img_index_train") if split == "train" else ("frame_test.mat", "img_index_test")
-        return cached_parse(os.path.join(self.root, fname), _parse_frame_list(var))
+        return cached_parse(os.path.join(self.root, fname), _parse_frame_list(var), cache_dir=self.cache_dir)
+
+    def _split_boxes(self, split: str) -> _SplitBoxes:
+        """The annotation files of the split's frames, parsed once (kept with the frame list)."""
+        list_file = os.path.join(self.root, "frame_train.mat" if split == "train" else "frame_test.mat")
+        names = self._frames(split)
+        paths = [os.path.join(self.root, "annotations", _with_ext(n) + ".mat") for n in names]
+        return cached_parse(list_file, lambda _: _read_split_boxes(names, paths), cache_dir=self.cache_dir,
+                            result_type=_SplitBoxes, sources=paths, name="PRW.annotation_files")
 
     def _load_annotations(self) -> List[Dict]:
         if self.split == "query":
             return self._load_queries()
         annos = []
-        for name in self._frames(self.split):
+        table = self._split_boxes(self.split)
+        for i, name in enumerate(table.names):
             img_name = _with_ext(name)
-            boxes, pids, nonempty = read_prw_boxes(os.path.join(self.root, "annotations", img_name + ".mat"))
+            lo, hi = table.offsets[i], table.offsets[i + 1]
+            boxes, pids = table.boxes[lo:hi].copy(), table.pids[lo:hi].copy()  # the table is shared
             if self.split == "train":
-                boxes, pids = boxes[nonempty], pids[nonempty]
+                keep = table.nonempty[lo:hi]
+                boxes, pids = boxes[keep], pids[keep]
             annos.append(
                 {
                     "img_name": img_name,

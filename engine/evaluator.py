@@ -3,15 +3,15 @@
 Evaluators are separate from models: this module only knows the model's inference interface
 (`engine.inference`) and the protocol functions (`engine.evaluation`).
 """
-import io
+import json
 import os
 import time
 
-import torch
-
 from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw
 from engine.inference import model_fingerprint, run_inference
-from utils.misc import atomic_write_bytes, atomic_write_json
+from engine.raw_outputs import KEYS as RAW_OUTPUT_KEYS
+from engine.raw_outputs import RawOutputs
+from utils.misc import atomic_write_json
 
 CACHE_NAME = "eval_cache.pth"
 METRICS_NAME = "metrics.json"
@@ -45,49 +45,46 @@ def inference_settings(cfg):
     }
 
 
-RAW_KEYS = ("gallery_dets", "gallery_feats", "query_dets", "query_feats", "query_box_feats")
+RAW_KEYS = RAW_OUTPUT_KEYS
 
 
 def read_cache(path):
-    """The dict of an eval_cache.pth, its raw outputs as numpy arrays.
+    """The raw outputs saved at ``path`` (a RawOutputs: ``raw["gallery_dets"]``, ``raw.meta``).
 
-    The file holds tensors, strings and numbers only, so it is read with ``weights_only=True``:
-    a cache in a folder someone else could write to can never run code when it is loaded."""
-    cache = torch.load(path, map_location="cpu", weights_only=True)
-    for key in RAW_KEYS:
-        if key in cache:
-            cache[key] = [t.numpy() for t in cache[key]]
-    return cache
+    Read without executing code (``weights_only=True``, or the packed copy with
+    ``allow_pickle=False``): a cache in a folder someone else could write to can never run code
+    when it is loaded."""
+    return RawOutputs.load(path)
+
+
+def _comparable(value):
+    """Settings as JSON gives them back (tuples become lists), for comparing across formats."""
+    return json.loads(json.dumps(value))
 
 
 def load_cache(path, fingerprint, settings):
     """Load a raw-output cache, refusing one written by another model or with other settings."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EVAL_USE_CACHE is set but there is no cache at {path}")
-    cache = read_cache(path)
-    if cache.get("model_fingerprint") != fingerprint:
+    raw = read_cache(path)
+    meta = raw.meta
+    if meta.get("model_fingerprint") != fingerprint:
         raise StaleCacheError(
-            f"{path} was written by another model (checkpoint {cache.get('checkpoint')!r}, "
-            f"fingerprint {str(cache.get('model_fingerprint'))[:12]}) than the one being evaluated "
+            f"{path} was written by another model (checkpoint {meta.get('checkpoint')!r}, "
+            f"fingerprint {str(meta.get('model_fingerprint'))[:12]}) than the one being evaluated "
             f"(fingerprint {fingerprint[:12]}). Delete it or evaluate without EVAL_USE_CACHE."
         )
-    if cache.get("settings") != settings:
-        diff = {
-            k: (cache.get("settings", {}).get(k), v)
-            for k, v in settings.items()
-            if cache.get("settings", {}).get(k) != v
-        }
+    cached, now = _comparable(meta.get("settings", {})), _comparable(settings)
+    if cached != now:
+        diff = {k: (cached.get(k), v) for k, v in now.items() if cached.get(k) != v}
         raise StaleCacheError(f"{path} was written with other settings (cached, now): {diff}")
-    return cache
+    return raw
 
 
 def save_cache(path, raw, fingerprint, settings, checkpoint):
-    """Write the raw outputs (numpy arrays, stored as tensors: see read_cache) atomically."""
-    payload = {key: [torch.from_numpy(a) for a in raw[key]] for key in RAW_KEYS}
-    payload.update(model_fingerprint=fingerprint, settings=settings, checkpoint=checkpoint)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Write the raw outputs (eval_cache.pth and its packed copy) atomically."""
+    meta = dict(model_fingerprint=fingerprint, settings=settings, checkpoint=checkpoint)
+    RawOutputs.from_dict(raw.lists() if isinstance(raw, RawOutputs) else raw, meta).save(path)
 
 
 def compute_metrics(cfg, gallery_dataset, query_dataset, raw):

@@ -35,6 +35,22 @@ SYNTHETIC_TEST_OPTIONS = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def annotation_cache_dir(tmp_path_factory):
+    """The suite keeps its parsed annotation files in a folder of its own (never the user's
+    ~/.cache), inherited by the command-line runs the tests start."""
+    import os
+
+    folder = tmp_path_factory.mktemp("annotation_cache")
+    previous = os.environ.get("DDPS_CACHE_DIR")
+    os.environ["DDPS_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DDPS_CACHE_DIR", None)
+    else:
+        os.environ["DDPS_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> pathlib.Path:
     """Root of a small synthetic world: ``root / "CUHK-SYSU"`` and ``root / "PRW"``."""

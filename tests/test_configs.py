@@ -353,6 +353,7 @@ def test_project_keys_and_their_defaults():
         "DISTILLER.STUDENT.BACKBONE_WEIGHTS": "",
         "SOLVER.AMP": "none",
         "SOLVER.MAX_ITERS_PER_EPOCH": -1,
+        "INPUT.ANNOTATION_CACHE_DIR": "",
         "FGD.ENABLED": True,
         "FGD.WEIGHT": 1.0,
         "DKD.ENABLED": True,
