@@ -25,8 +25,10 @@ distillation runs alike:
   epoch has 1/N of the steps.
 - The OIM tables stay identical on every process: each step's table update uses the foreground
   features and labels of all processes, gathered in rank order.
-- Process 0 alone writes config.yaml, logs, TensorBoard scalars, checkpoints and evaluates; the
-  others wait for it. Checkpoints hold the unwrapped model (same layout as single-process runs),
+- Evaluation (--eval, and during training) splits the gallery and query images over the
+  processes; process 0 gathers the outputs in dataset order, computes the metrics and writes
+  metrics.json and eval_cache.pth, the same as a single process would. Process 0 alone writes
+  config.yaml, logs, TensorBoard scalars and checkpoints; the others wait for it. Checkpoints hold the unwrapped model (same layout as single-process runs),
   so --resume and --eval work with any number of processes.
 - SOLVER.AMP bf16 / fp16 trains and evaluates under torch.autocast (fp16 with a GradScaler,
   whose state is saved in checkpoints); losses and OIM tables stay float32.
@@ -65,10 +67,11 @@ def parse_args(argv=None):
 
 
 def run_eval(cfg, ckpt_path, device):
-    model, info = build_eval_model(cfg, ckpt_path, device)
+    log = print if is_main_process() else _quiet
+    model, info = build_eval_model(cfg, ckpt_path, device, log=log)
     gallery_loader, query_loader = build_test_loaders(cfg)
     return evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=os.path.abspath(ckpt_path),
-                    epoch=info["epoch"])
+                    epoch=info["epoch"], log=log)
 
 
 def check_table_size(cfg, train_set):
@@ -138,7 +141,8 @@ def run_train(cfg, args, device):
             test_loaders.extend(build_test_loaders(cfg))
         # new weights every time: never served (nor refused) by the previous epoch's cache
         checkpoint = os.path.abspath(ckpt_path) if ckpt_path else None
-        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=checkpoint, epoch=epoch, use_cache=False)
+        return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=checkpoint, epoch=epoch, use_cache=False,
+                        log=log)
 
     trainer = Trainer(cfg, module, train_loader, optimizer, scheduler, device, evaluate_fn=evaluate_epoch,
                       tb_writer=tb, is_main=main_proc, scaler=scaler, log=log)
@@ -158,7 +162,7 @@ def main(argv=None):
         # single-process one. Shuffling and augmentation follow SEED and the epoch only.
         set_seed(cfg.SEED + get_rank())
         if args.eval:
-            metrics = run_eval(cfg, args.ckpt, device) if is_main_process() else None
+            metrics = run_eval(cfg, args.ckpt, device)  # every process runs its share of the images
             barrier()
             return metrics
         return run_train(cfg, args, device)

@@ -27,7 +27,7 @@ from ast import literal_eval
 import yaml
 from yacs.config import CfgNode
 
-from .defaults import _C, CHOICES, PROJECT_KEYS, UNTYPED_KEYS
+from .defaults import _C, CHOICES, POSITIVE_KEYS, PROJECT_KEYS, UNTYPED_KEYS
 
 __all__ = [
     "CfgNode",
@@ -274,6 +274,15 @@ def _check_choices(cfg):
                 full_key, node, ", ".join(repr(a) for a in allowed)))
 
 
+def _check_positive(cfg):
+    for full_key in POSITIVE_KEYS:
+        node = cfg
+        for part in full_key.split("."):
+            node = node[part]
+        if node < 1:
+            raise ConfigError(f"config key {full_key} is {node!r}; expected a whole number of at least 1")
+
+
 _VALIDATORS = []
 
 
@@ -298,6 +307,7 @@ def load_config(cfg_file=None, opts=(), freeze=True):
             merge_dict(cfg, data, layer_source)
     merge_opts(cfg, opts or ())
     _check_choices(cfg)
+    _check_positive(cfg)
     for check in _VALIDATORS:
         try:
             check(cfg)

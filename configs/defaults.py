@@ -36,7 +36,9 @@ _C.INPUT.MIN_SIZE = 900
 _C.INPUT.MAX_SIZE = 1500
 # Number of images per training batch.
 _C.INPUT.BATCH_SIZE_TRAIN = 5
-# Number of images per test batch (the evaluation code assumes 1).
+# Number of images per test batch. 1 (the published setting) runs every image alone; more
+# groups images of similar aspect ratio and pads them to a common size, which moves the
+# outputs slightly (docs/bench/batched_inference.md).
 _C.INPUT.BATCH_SIZE_TEST = 1
 # Number of data-loader worker processes for training (0 = load in the main process).
 _C.INPUT.NUM_WORKERS_TRAIN = 5
@@ -85,6 +87,13 @@ _C.SOLVER.CLIP_GRADIENTS = 10.0
 _C.SOLVER.AMP = "none"
 # [project] Stop each epoch after this many iterations (-1 = the whole epoch); for CPU runs.
 _C.SOLVER.MAX_ITERS_PER_EPOCH = -1
+# [project] Gradient accumulation for GPUs too small for the batch: each optimizer step sums
+# the gradients of this many loader batches (micro-batches of INPUT.BATCH_SIZE_TRAIN images,
+# each loss divided by this number), so BATCH_SIZE_TRAIN 1 with 5 steps has the gradient scale
+# of a batch of 5. The LR schedule, MAX_ITERS_PER_EPOCH and CLIP_GRADIENTS count optimizer
+# steps. Not the same as one large batch: the OIM tables are updated after every micro-batch,
+# and the BatchNorm1d of the embedding head normalises each micro-batch's proposals alone.
+_C.SOLVER.ACCUMULATION_STEPS = 1
 
 # ---------------------------------------------------------------------------------------------
 # MODEL: detector and re-id head (SeqNet with FPN, SPEC 4)
@@ -378,6 +387,7 @@ PROJECT_KEYS = frozenset(
         "SOLVER.AMP",
         "SOLVER.MAX_ITERS_PER_EPOCH",
         "INPUT.ANNOTATION_CACHE_DIR",
+        "SOLVER.ACCUMULATION_STEPS",
         "FGD.ENABLED",
         "FGD.WEIGHT",
         "DKD.ENABLED",
@@ -423,6 +433,16 @@ UNTYPED_KEYS = frozenset(
 )
 
 # Allowed values of keys with a closed set of choices (checked by configs.load_config).
+# Keys that must be at least 1 (a 0 would train nothing, or divide by zero after an epoch).
+POSITIVE_KEYS = (
+    "INPUT.BATCH_SIZE_TRAIN",
+    "INPUT.BATCH_SIZE_TEST",
+    "SOLVER.MAX_EPOCHS",
+    "SOLVER.ACCUMULATION_STEPS",
+    "CKPT_PERIOD",
+    "EVAL_PERIOD",
+)
+
 CHOICES = {
     "INPUT.DATASET": ("CUHK-SYSU", "PRW"),
     "SOLVER.AMP": ("none", "bf16", "fp16"),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -11,7 +12,7 @@ from . import build_dataset
 from .transforms import build_transforms
 
 __all__ = ["collate_fn", "build_train_loader", "build_test_loaders", "build_test_loader", "SeededSampler",
-           "sample_seed"]
+           "sample_seed", "InferenceBatchSampler"]
 
 
 def collate_fn(batch):
@@ -100,21 +101,61 @@ def build_train_loader(cfg, distributed: bool = False, drop_last: bool = True) -
     )
 
 
-def build_test_loaders(cfg) -> Tuple[DataLoader, DataLoader]:
-    """(gallery_loader, query_loader), in dataset order, BATCH_SIZE_TEST images a batch."""
+def image_aspect_ratios(dataset, indices: List[int]) -> np.ndarray:
+    """Width / height of the given images, from their headers (no decode)."""
+    from PIL import Image
+
+    ratios = np.empty(len(indices), dtype=np.float64)
+    for k, i in enumerate(indices):
+        with Image.open(dataset.annotations[i]["img_path"]) as img:
+            ratios[k] = img.size[0] / max(img.size[1], 1)
+    return ratios
+
+
+class InferenceBatchSampler(Sampler):
+    """The batches of a test loader: this process's share of the images (every WORLD_SIZE-th
+    image from its rank on), ``batch_size`` images a batch.
+
+    With more than one image a batch, the share is ordered by aspect ratio first (as
+    torchvision's GroupedBatchSampler groups images) so that the images of a batch pad little.
+    ``batches`` lists the dataset indices of every batch: inference puts its outputs back in
+    dataset order with it. One image a batch keeps dataset order."""
+
+    def __init__(self, dataset, batch_size: int = 1, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"INPUT.BATCH_SIZE_TEST must be at least 1, got {batch_size}")
+        indices = list(range(rank, len(dataset), world_size))
+        if batch_size > 1 and indices:
+            order = np.argsort(image_aspect_ratios(dataset, indices), kind="stable")
+            indices = [indices[k] for k in order]
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield list(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_test_loaders(cfg, distributed: Optional[bool] = None) -> Tuple[DataLoader, DataLoader]:
+    """(gallery_loader, query_loader) over the test splits, BATCH_SIZE_TEST images a batch.
+
+    Distributed (default: when torch.distributed runs), each process gets its share of the
+    images; ``loader.batch_sampler.batches`` says which (see InferenceBatchSampler) and
+    ``loader.dataset`` is the whole split."""
+    from utils.dist import get_rank, get_world_size, is_distributed
+
+    if distributed is None:
+        distributed = is_distributed()
+    rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
     transforms = build_transforms(False)
     loaders = []
     for split in ("gallery", "query"):
         dataset = build_dataset(cfg.INPUT.DATASET, cfg.INPUT.DATA_ROOT, transforms, split,
                                 cache_dir=getattr(cfg.INPUT, "ANNOTATION_CACHE_DIR", None))
-        loaders.append(
-            DataLoader(
-                dataset,
-                batch_size=int(cfg.INPUT.BATCH_SIZE_TEST),
-                shuffle=False,
-                **_loader_kwargs(cfg.INPUT.NUM_WORKERS_TEST),
-            )
-        )
+        sampler = InferenceBatchSampler(dataset, int(cfg.INPUT.BATCH_SIZE_TEST), rank, world)
+        loaders.append(DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(cfg.INPUT.NUM_WORKERS_TEST)))
     return loaders[0], loaders[1]
 
 

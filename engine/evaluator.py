@@ -11,6 +11,7 @@ from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw
 from engine.inference import model_fingerprint, run_inference
 from engine.raw_outputs import KEYS as RAW_OUTPUT_KEYS
 from engine.raw_outputs import RawOutputs
+from utils.dist import broadcast_object, is_main_process
 from utils.misc import atomic_write_json
 
 CACHE_NAME = "eval_cache.pth"
@@ -119,19 +120,33 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
              use_cache=None):
     """Evaluate `model`, write eval_cache.pth and metrics.json into OUTPUT_DIR, return the metrics.
 
+    Distributed, every process must call it: each runs inference on its share of the images,
+    process 0 gathers the outputs, writes the files and returns the metrics (None elsewhere).
+
     `use_cache` (default: cfg.EVAL_USE_CACHE) re-uses the raw outputs in OUTPUT_DIR when they come
     from the same weights and settings. The training loop passes False: each of its evaluations is
     of new weights, so a cache there is always the previous epoch's (EVAL_USE_CACHE concerns
     re-evaluating a checkpoint, `--eval`)."""
     use_cache = bool(cfg.EVAL_USE_CACHE) if use_cache is None else bool(use_cache)
+    main = is_main_process()
     output_dir = cfg.OUTPUT_DIR
-    os.makedirs(output_dir, exist_ok=True)
     cache_path = os.path.join(output_dir, CACHE_NAME)
     fingerprint = model_fingerprint(model)
     settings = inference_settings(cfg)
     start = time.time()
-    if use_cache and os.path.isfile(cache_path):
-        raw = load_cache(cache_path, fingerprint, settings)
+    raw, refusal = None, None
+    if main and use_cache and os.path.isfile(cache_path):
+        try:
+            raw = load_cache(cache_path, fingerprint, settings)
+        except StaleCacheError as exc:
+            refusal = exc
+    # process 0 decides; distributed, every process learns whether to run inference (or stop)
+    decision = broadcast_object("stop" if refusal else "cached" if raw is not None else "run")
+    if decision == "stop":
+        if refusal is not None:
+            raise refusal
+        raise StaleCacheError(f"process 0 refused the cache at {cache_path}")
+    if decision == "cached":
         log(f"Using the raw outputs cached in {cache_path}")
     else:
         if use_cache:
@@ -139,7 +154,12 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
         raw = run_inference(
             model, gallery_loader, query_loader, device, use_gt=bool(cfg.EVAL_USE_GT), amp=cfg.SOLVER.AMP
         )
+        if not main:
+            return None  # process 0 holds the gathered outputs and writes the results
+        os.makedirs(output_dir, exist_ok=True)
         save_cache(cache_path, raw, fingerprint, settings, checkpoint)
+    if not main:
+        return None
     inference_time = time.time() - start
     metrics = compute_metrics(cfg, gallery_loader.dataset, query_loader.dataset, raw)
     metrics.update(

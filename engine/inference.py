@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from engine.trainer import progress_interval
+from utils.dist import gather_objects, is_main_process
 from utils.misc import autocast, move_to_device
 
 
@@ -32,51 +33,81 @@ def _feature_rows(embeddings, n):
     return feats.reshape(n, feats.shape[-1] if feats.ndim == 2 else -1)
 
 
+def _batches(loader):
+    """The dataset indices of each batch `loader` yields, in its order (its batch sampler:
+    InferenceBatchSampler for the test loaders, or any unshuffled DataLoader's)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if sampler is None:
+        raise ValueError("inference needs a DataLoader with a batch sampler (batch_size set, not None)")
+    return [list(b) for b in sampler]
+
+
+def _gallery_forward(model, images, targets, device, use_gt):
+    if not use_gt:
+        return model(images)
+    # Upper bound: the ground-truth boxes are the detections, each with score 1.
+    embeddings = model(images, targets)
+    return [{"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"]), device=device), "embeddings": e}
+            for t, e in zip(targets, embeddings)]
+
+
+def _run_split(model, loader, device, amp, progress, desc, forward):
+    """{dataset index: (dets n x 5, feats n x D)} for this process's images of one split."""
+    out = {}
+    batches = _batches(loader)
+    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=progress_interval())
+    for indices, (images, targets) in zip(batches, bar):
+        images, targets = move_to_device(images, targets, device)
+        with autocast(device, amp):
+            outputs = forward(images, targets)
+        if len(outputs) != len(indices):
+            raise RuntimeError(f"{desc}: {len(outputs)} outputs for a batch of {len(indices)} images")
+        for index, o in zip(indices, outputs):
+            boxes = _to_numpy(o["boxes"]).reshape(-1, 4)
+            scores = _to_numpy(o["scores"]).reshape(-1, 1)
+            out[index] = (np.concatenate([boxes, scores], axis=1).astype(np.float32),
+                          _feature_rows(o["embeddings"], len(boxes)))
+    return out
+
+
+def _in_dataset_order(parts, n, split):
+    """Merge the per-process outputs of a split into lists in dataset order."""
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    if sorted(merged) != list(range(n)):
+        raise RuntimeError(f"{split}: outputs for {len(merged)} of {n} images (each image must be run once)")
+    return [merged[i][0] for i in range(n)], [merged[i][1] for i in range(n)]
+
+
 @torch.no_grad()
 def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp="none", progress=True):
-    """Return the raw outputs dict (numpy arrays) of `model` on the gallery and query splits."""
+    """The raw outputs dict (numpy arrays, dataset order) of `model` on the gallery and query splits.
+
+    Distributed, every process runs its share of the images (its loaders' batch samplers) and
+    the outputs are gathered on process 0, which alone gets the dict; the others get None."""
     was_training = model.training
     model.eval()
-    gallery_dets, gallery_feats = [], []
-    for images, targets in tqdm(gallery_loader, desc="gallery", disable=not progress, dynamic_ncols=True,
-                                 mininterval=progress_interval()):
-        images, targets = move_to_device(images, targets, device)
-        with autocast(device, amp):
-            if use_gt:
-                # Upper bound: the ground-truth boxes are the detections, each with score 1.
-                embeddings = model(images, targets)
-                outputs = [
-                    {"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"]), device=device), "embeddings": e}
-                    for t, e in zip(targets, embeddings)
-                ]
-            else:
-                outputs = model(images)
-        for out in outputs:
-            boxes = _to_numpy(out["boxes"]).reshape(-1, 4)
-            scores = _to_numpy(out["scores"]).reshape(-1, 1)
-            gallery_dets.append(np.concatenate([boxes, scores], axis=1).astype(np.float32))
-            gallery_feats.append(_feature_rows(out["embeddings"], len(boxes)))
-
-    query_dets, query_feats, query_box_feats = [], [], []
-    for images, targets in tqdm(query_loader, desc="query", disable=not progress, dynamic_ncols=True,
-                                 mininterval=progress_interval()):
-        images, targets = move_to_device(images, targets, device)
-        with autocast(device, amp):
-            outputs = model(images, targets, query_img_as_gallery=True)
-        for out in outputs:
-            boxes = _to_numpy(out["boxes"]).reshape(-1, 4)
-            scores = _to_numpy(out["scores"]).reshape(-1, 1)
-            feats = _feature_rows(out["embeddings"], len(boxes))
-            query_dets.append(np.concatenate([boxes, scores], axis=1).astype(np.float32))
-            query_feats.append(feats)
-            query_box_feats.append(feats[:1].copy())
-    model.train(was_training)
+    main = is_main_process()
+    try:
+        gallery = _run_split(model, gallery_loader, device, amp, progress and main, "gallery",
+                             lambda images, targets: _gallery_forward(model, images, targets, device, use_gt))
+        query = _run_split(model, query_loader, device, amp, progress and main, "query",
+                           lambda images, targets: model(images, targets, query_img_as_gallery=True))
+    finally:
+        model.train(was_training)
+    gallery_parts, query_parts = gather_objects(gallery), gather_objects(query)
+    if not main:
+        return None
+    gallery_dets, gallery_feats = _in_dataset_order(gallery_parts, len(gallery_loader.dataset), "gallery")
+    query_dets, query_feats = _in_dataset_order(query_parts, len(query_loader.dataset), "query")
     return {
         "gallery_dets": gallery_dets,
         "gallery_feats": gallery_feats,
         "query_dets": query_dets,
         "query_feats": query_feats,
-        "query_box_feats": query_box_feats,
+        # row 0 of a query image's outputs is the query box itself (module docstring)
+        "query_box_feats": [f[:1].copy() for f in query_feats],
     }
 
 

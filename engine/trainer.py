@@ -5,6 +5,7 @@ returns a dict of (already weighted) losses; the baseline model and the distille
 modules. What goes into a checkpoint's "model" entry is the module's `checkpoint_state()` when it
 has one (the distiller's {"student", "fgd"} layout), else its state_dict (SPEC 4.4).
 """
+import contextlib
 import io
 import math
 import os
@@ -19,9 +20,16 @@ from utils.dist import any_across_ranks, barrier, is_main_process
 from utils.misc import atomic_write_bytes, autocast, get_rng_states, move_to_device, set_rng_states
 
 
+def accumulation_steps(cfg):
+    """Micro-batches (loader batches) per optimizer step: SOLVER.ACCUMULATION_STEPS."""
+    return max(int(getattr(cfg.SOLVER, "ACCUMULATION_STEPS", 1)), 1)
+
+
 def steps_per_epoch(cfg, loader):
-    """Steps of one epoch: the loader's length, cut to SOLVER.MAX_ITERS_PER_EPOCH when it is set."""
-    n = len(loader)
+    """Optimizer steps of one epoch: the loader's batches over SOLVER.ACCUMULATION_STEPS (a last
+    incomplete group is left out, as an incomplete batch is), cut to SOLVER.MAX_ITERS_PER_EPOCH
+    when it is set."""
+    n = len(loader) // accumulation_steps(cfg)
     return n if cfg.SOLVER.MAX_ITERS_PER_EPOCH <= 0 else min(n, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
 
 
@@ -120,21 +128,39 @@ class Trainer:
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def train_step(self, images, targets, epoch, i):
-        """One optimisation step; returns the loss values (floats, with their sum as "loss") and the
-        learning rate the step used."""
-        images, targets = move_to_device(images, targets, self.device)
-        with autocast(self.device, self.cfg.SOLVER.AMP):
-            losses = self.module(images, targets)
-        losses = {k: v.float() for k, v in losses.items()}
-        check_finite(losses, epoch, i)
-        total = sum(losses.values())
+    def train_step(self, micro_batches, epoch, i):
+        """One optimisation step over `micro_batches`, a list of (images, targets) loader batches
+        (SOLVER.ACCUMULATION_STEPS of them): each one's loss, divided by their number, is
+        back-propagated in turn, so the gradient is that of the mean of their losses; clipping,
+        the optimizer and the LR schedule then act once. The OIM tables are updated in every
+        micro-batch's forward, as in a step of that batch size. Distributed, the gradient is
+        all-reduced once, in the last micro-batch's backward (DDP's no_sync before).
+
+        Returns the loss values (floats, means over the micro-batches, with their sum as "loss")
+        and the learning rate the step used."""
+        k = len(micro_batches)
+        sums = defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
+        for j, (images, targets) in enumerate(micro_batches):
+            images, targets = move_to_device(images, targets, self.device)
+            last = j == k - 1
+            no_sync = getattr(self.module, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with autocast(self.device, self.cfg.SOLVER.AMP):
+                    losses = self.module(images, targets)
+                losses = {name: v.float() for name, v in losses.items()}
+                check_finite(losses, epoch, i)
+                total = sum(losses.values())
+                scaled = total / k
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            for name, v in losses.items():
+                sums[name] += float(v.detach()) / k
+            sums["loss"] += float(total.detach()) / k
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
         if self.cfg.SOLVER.CLIP_GRADIENTS > 0:
             torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.SOLVER.CLIP_GRADIENTS)
         if self.scaler is not None:
@@ -144,9 +170,17 @@ class Trainer:
             self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["loss"] = float(total.detach())
-        return values, lr
+        return dict(sums), lr
+
+    def optimizer_steps(self):
+        """The loader's batches grouped into the micro-batches of each optimizer step."""
+        k = accumulation_steps(self.cfg)
+        group = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == k:
+                yield group
+                group = []
 
     def train_epoch(self, epoch):
         self.module.train()
@@ -160,10 +194,10 @@ class Trainer:
         # is not printed later by the interpreter's shutdown
         with tqdm(total=n_iters, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True,
                   mininterval=progress_interval()) as bar:
-            for i, (images, targets) in enumerate(self.loader):
+            for i, micro_batches in enumerate(self.optimizer_steps()):
                 if i >= n_iters:
                     break
-                values, lr = self.train_step(images, targets, epoch, i)
+                values, lr = self.train_step(micro_batches, epoch, i)
                 for k, v in values.items():
                     sums[k] += v
                 count += 1
@@ -195,15 +229,18 @@ class Trainer:
         for epoch in range(start_epoch, cfg.SOLVER.MAX_EPOCHS):
             self.train_epoch(epoch)
             ckpt_path = None
-            if self.is_main and ((epoch + 1) % cfg.CKPT_PERIOD == 0 or epoch == last):
+            if (epoch + 1) % cfg.CKPT_PERIOD == 0 or epoch == last:
                 ckpt_path = os.path.join(cfg.OUTPUT_DIR, f"epoch_{epoch}.pth")
-                save_training_checkpoint(ckpt_path, self.module, self.optimizer, self.scheduler, epoch, self.scaler)
-                self.log(f"saved {ckpt_path}")
+                if self.is_main:
+                    save_training_checkpoint(ckpt_path, self.module, self.optimizer, self.scheduler, epoch,
+                                             self.scaler)
+                    self.log(f"saved {ckpt_path}")
             wants_eval = epoch == last or (epoch >= cfg.EVAL_START_EPOCH and (epoch + 1) % cfg.EVAL_PERIOD == 0)
-            if self.is_main and self.evaluate_fn is not None and wants_eval:
+            if self.evaluate_fn is not None and wants_eval:
+                # every process evaluates its share of the images; process 0 gets the metrics
                 metrics = self.evaluate_fn(epoch, ckpt_path)
-                if self.tb is not None and metrics:
+                if self.is_main and self.tb is not None and metrics:
                     for k in ("det_recall", "det_ap", "mAP", "top1", "top5", "top10"):
                         self.tb.add_scalar(f"eval/{k}", metrics[k], epoch)
-            barrier()  # distributed: the other ranks wait while rank 0 saves and evaluates
+            barrier()  # distributed: the other ranks wait while rank 0 saves
         return metrics

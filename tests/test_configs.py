@@ -354,6 +354,7 @@ def test_project_keys_and_their_defaults():
         "SOLVER.AMP": "none",
         "SOLVER.MAX_ITERS_PER_EPOCH": -1,
         "INPUT.ANNOTATION_CACHE_DIR": "",
+        "SOLVER.ACCUMULATION_STEPS": 1,
         "FGD.ENABLED": True,
         "FGD.WEIGHT": 1.0,
         "DKD.ENABLED": True,

@@ -5,16 +5,20 @@
   single-process update with the concatenated batch; the loss uses the local features only;
 - `train_ddps.main` in two processes (what `torchrun --nproc_per_node 2 train_ddps.py ...` runs),
   single model and DDPS distillation: OIM tables and weights identical on both ranks, one
-  checkpoint per epoch written by rank 0 alone, evaluation by rank 0 alone, resume.
+  checkpoint per epoch written by rank 0 alone, evaluation called on every rank, resume;
+- `train_ddps.main --eval` in two processes: the images are split between the ranks and the
+  metrics.json and eval_cache.pth of rank 0 equal those of a single process.
 
 The processes are started with torch.multiprocessing (spawn) and the environment torchrun would
-give them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Evaluation is patched out
-inside the workers (it is tested in test_cli.py) and records who called it.
+give them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). In the training tests
+evaluation is patched out inside the workers (it is tested in test_cli.py) and records who
+called it.
 """
 
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -231,10 +235,11 @@ def test_two_process_training_single_model_and_resume(synthetic_root, tmp_path):
         synthetic_root, "CUHK-SYSU", out, SOLVER__MAX_EPOCHS=2, **common)
     _spawn(_train_worker, [first, resume], str(markers), True)
 
-    # one checkpoint per epoch, written by rank 0; evaluation by rank 0 only
+    # one checkpoint per epoch, written by rank 0; evaluation on every rank (each its share)
     assert sorted(os.listdir(out)) == ["config.yaml", "epoch_0.pth", "epoch_1.pth"]
     done = sorted(f for f in os.listdir(markers) if not f.startswith("state_"))
-    assert done == ["eval_rank0_epoch0", "eval_rank0_epoch1", "saved_rank0_epoch_0.pth", "saved_rank0_epoch_1.pth"]
+    assert done == ["eval_rank0_epoch0", "eval_rank0_epoch1", "eval_rank1_epoch0", "eval_rank1_epoch1",
+                    "saved_rank0_epoch_0.pth", "saved_rank0_epoch_1.pth"]
 
     before, after = _load_states(markers, 0), _load_states(markers, 1)
     _check_identical_ranks(before)
@@ -281,7 +286,7 @@ def test_two_process_ddps_distillation(synthetic_root, tmp_path):
 
     assert sorted(os.listdir(out)) == ["config.yaml", "epoch_0.pth"]
     done = sorted(f for f in os.listdir(markers) if not f.startswith("state_"))
-    assert done == ["eval_rank0_epoch0", "saved_rank0_epoch_0.pth"]
+    assert done == ["eval_rank0_epoch0", "eval_rank1_epoch0", "saved_rank0_epoch_0.pth"]
     states = _load_states(markers, 0)
     _check_identical_ranks(states)  # the student's tables and every trained weight (student + DFD)
     assert any(k.startswith("terms.dfd.") for k in states[0]["params"])
@@ -311,3 +316,60 @@ def test_two_gpu_nccl_training(synthetic_root, tmp_path):
     states = _load_states(markers, 0)
     assert [s["device"] for s in states] == ["cuda:0", "cuda:1"]  # cuda -> cuda:LOCAL_RANK
     _check_identical_ranks(states)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _eval_worker(rank, world, port, argv):
+    _torchrun_env(rank, world, port)
+    import train_ddps
+
+    train_ddps.main(argv)
+
+
+def _metrics_and_cache(folder):
+    import json
+
+    from engine.evaluator import read_cache
+
+    with open(folder / "metrics.json") as f:
+        metrics = json.load(f)
+    metrics.pop("inference_seconds")
+    return metrics, read_cache(str(folder / "eval_cache.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["CUHK-SYSU", "PRW"])
+def test_two_process_evaluation_equals_one_process(tmp_path, dataset):
+    from engine.raw_outputs import KEYS
+    from models import build_model
+    from tests.helpers import mini_world
+    import train_ddps
+
+    synthetic_root = mini_world(tmp_path / "world")
+    # an untrained model with every detection kept: many boxes and features per image to compare
+    opts = dict(MODEL__ROI_HEAD__SCORE_THRESH_TEST=0.0, EVAL_GALLERY_SIZE=50)
+    cfg = small_cfg(synthetic_root, dataset, tmp_path, **opts)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, ckpt)
+    argv = lambda out: ["--eval", "--ckpt", str(ckpt)] + small_opts(synthetic_root, dataset, out, **opts)  # noqa: E731
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes
+    try:
+        train_ddps.main(argv(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_eval_worker, args=(WORLD, _free_port(), argv(tmp_path / "two")), nprocs=WORLD, join=True)
+
+    one_metrics, one = _metrics_and_cache(tmp_path / "one")
+    two_metrics, two = _metrics_and_cache(tmp_path / "two")
+    assert two_metrics == one_metrics
+    assert one_metrics["num_gallery_images"] > 2 * WORLD
+    n_boxes = sum(len(d) for d in one["gallery_dets"])
+    assert n_boxes > 5 * one_metrics["num_gallery_images"]  # not a comparison of empty outputs
+    for key in KEYS:
+        assert len(one[key]) == len(two[key])
+        for a, b in zip(one[key], two[key]):
+            assert a.shape == b.shape and np.array_equal(a, b), key
+    assert one.meta == two.meta

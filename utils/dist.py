@@ -188,3 +188,22 @@ def any_across_ranks(flag):
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def gather_objects(obj):
+    """Every rank's picklable `obj`, in rank order, on rank 0 (None on the others); ``[obj]``
+    without distribution."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (the others' argument is ignored)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
