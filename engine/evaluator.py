@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw
+from engine.evaluators import build_evaluator
 from engine.inference import model_fingerprint, run_inference
 from engine.raw_outputs import KEYS as RAW_OUTPUT_KEYS
 from engine.raw_outputs import RawOutputs
@@ -16,8 +16,6 @@ from utils.misc import atomic_write_json
 
 CACHE_NAME = "eval_cache.pth"
 METRICS_NAME = "metrics.json"
-# Detections enter the detection protocol from this score on (the original's det_thresh 0.01).
-DETECTION_EVAL_THRESH = 0.01
 
 
 class StaleCacheError(RuntimeError):
@@ -89,31 +87,8 @@ def save_cache(path, raw, fingerprint, settings, checkpoint):
 
 
 def compute_metrics(cfg, gallery_dataset, query_dataset, raw):
-    """Run the detection and search protocols of the configured dataset on raw outputs."""
-    det_recall, det_ap = eval_detection(gallery_dataset, raw["gallery_dets"], det_thresh=DETECTION_EVAL_THRESH)
-    common = dict(
-        gallery_dataset=gallery_dataset,
-        query_dataset=query_dataset,
-        gallery_dets=raw["gallery_dets"],
-        gallery_feats=raw["gallery_feats"],
-        query_box_feats=raw["query_box_feats"],
-        query_dets=raw["query_dets"],
-        query_feats=raw["query_feats"],
-        cbgm=bool(cfg.EVAL_USE_CBGM),
-    )
-    if gallery_dataset.name == "CUHK-SYSU":
-        search = eval_search_cuhk(gallery_size=cfg.EVAL_GALLERY_SIZE, **common)
-    else:
-        search = eval_search_prw(ignore_cam_id=not cfg.EVAL_CROSS_CAMERA, **common)
-    accs = [float(a) for a in search["accs"]]
-    return {
-        "det_recall": float(det_recall),
-        "det_ap": float(det_ap),
-        "mAP": float(search["mAP"]),
-        "top1": accs[0],
-        "top5": accs[1],
-        "top10": accs[2],
-    }
+    """The detection and search metrics of the configured dataset's evaluator on raw outputs."""
+    return build_evaluator(cfg).evaluate(gallery_dataset, query_dataset, raw)
 
 
 def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, epoch=None, log=print,
@@ -161,14 +136,12 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
     if not main:
         return None
     inference_time = time.time() - start
-    metrics = compute_metrics(cfg, gallery_loader.dataset, query_loader.dataset, raw)
+    evaluator = build_evaluator(cfg)
+    metrics = evaluator.evaluate(gallery_loader.dataset, query_loader.dataset, raw)
     metrics.update(
         checkpoint=checkpoint,
         epoch=epoch,
-        dataset=cfg.INPUT.DATASET,
-        gallery_size=cfg.EVAL_GALLERY_SIZE if cfg.INPUT.DATASET == "CUHK-SYSU" else None,
-        cross_camera=bool(cfg.EVAL_CROSS_CAMERA) if cfg.INPUT.DATASET == "PRW" else None,
-        cbgm=bool(cfg.EVAL_USE_CBGM),
+        **evaluator.settings(),
         use_gt=bool(cfg.EVAL_USE_GT),
         model_fingerprint=fingerprint,
         inference_seconds=round(inference_time, 3),

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from engine.trainer import progress_interval
+from engine.raw_outputs import RawOutputs
 from utils.dist import gather_objects, is_main_process
 from utils.misc import autocast, move_to_device
 
@@ -82,7 +83,7 @@ def _in_dataset_order(parts, n, split):
 
 @torch.no_grad()
 def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp="none", progress=True):
-    """The raw outputs dict (numpy arrays, dataset order) of `model` on the gallery and query splits.
+    """The RawOutputs (numpy arrays, dataset order) of `model` on the gallery and query splits.
 
     Distributed, every process runs its share of the images (its loaders' batch samplers) and
     the outputs are gathered on process 0, which alone gets the dict; the others get None."""
@@ -101,14 +102,8 @@ def run_inference(model, gallery_loader, query_loader, device, use_gt=False, amp
         return None
     gallery_dets, gallery_feats = _in_dataset_order(gallery_parts, len(gallery_loader.dataset), "gallery")
     query_dets, query_feats = _in_dataset_order(query_parts, len(query_loader.dataset), "query")
-    return {
-        "gallery_dets": gallery_dets,
-        "gallery_feats": gallery_feats,
-        "query_dets": query_dets,
-        "query_feats": query_feats,
-        # row 0 of a query image's outputs is the query box itself (module docstring)
-        "query_box_feats": [f[:1].copy() for f in query_feats],
-    }
+    # row 0 of a query image's outputs is the query box itself (module docstring)
+    return RawOutputs(gallery_dets, gallery_feats, query_dets, query_feats, [f[:1].copy() for f in query_feats])
 
 
 _TRAINING_ONLY_PREFIXES = ("roi_heads.reid_loss.",)

@@ -7,10 +7,7 @@ has one (the distiller's {"student", "fgd"} layout), else its state_dict (SPEC 4
 """
 import contextlib
 import io
-import math
-import os
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -104,23 +101,48 @@ def check_finite(losses, epoch, iteration):
 
 
 class Trainer:
-    """Runs epochs of `module` on `loader`; evaluation and checkpoints are decided by the config."""
+    """Runs epochs of optimizer steps of `module` on `loader` and calls its hooks around them
+    (engine.hooks): checkpoints, evaluation, curves and timing are hooks, so the loop itself
+    knows no metric and a hook can be added without editing it.
+
+    ``hooks``: the hooks to run; by default engine.hooks.default_hooks from the config, the
+    ``evaluate_fn(epoch, checkpoint_path)`` and ``tb_writer`` given."""
 
     def __init__(self, cfg, module, loader, optimizer, scheduler, device, evaluate_fn=None,
-                 tb_writer=None, is_main=None, scaler=None, log=print):
+                 tb_writer=None, is_main=None, scaler=None, log=print, hooks=None):
+        from engine.hooks import default_hooks
+
         self.cfg = cfg
         self.module = module
         self.loader = loader
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
-        self.evaluate_fn = evaluate_fn
-        self.tb = tb_writer
-        # logs, TensorBoard, checkpoints and evaluation: rank 0 only (None: ask torch.distributed)
+        # logs, TensorBoard and checkpoint files: rank 0 only (None: ask torch.distributed)
         self.is_main = is_main_process() if is_main is None else bool(is_main)
         self.scaler = scaler
         self.log = log
+        self.max_epochs = int(cfg.SOLVER.MAX_EPOCHS)
         self.history = []  # mean losses per epoch, for callers and tests
+        self.storage = {}  # what hooks hand to each other (checkpoint path, metrics, epoch means)
+        if hooks is None:
+            # looked up at call time, so that the module-level function can be wrapped
+            hooks = default_hooks(cfg, lambda *a: save_training_checkpoint(*a), evaluate_fn,
+                                  tb_writer if self.is_main else None)
+        self.hooks = []
+        self.register_hooks(hooks)
+
+    def register_hooks(self, hooks):
+        self.hooks.extend(h for h in hooks if h is not None)
+
+    def put_scalars(self, scalars, step):
+        """Hand scalars (curves) to every hook that records them (TensorBoardHook, yours)."""
+        for hook in self.hooks:
+            hook.write_scalars(scalars, step)
+
+    def _call(self, event, *args):
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
 
     def iters_per_epoch(self):
         return steps_per_epoch(self.cfg, self.loader)
@@ -189,7 +211,6 @@ class Trainer:
             sampler.set_epoch(epoch)
         n_iters = self.iters_per_epoch()
         sums, count = defaultdict(float), 0
-        start = time.time()
         # a context manager closes the bar when a step raises (a non-finite loss), so its last state
         # is not printed later by the interpreter's shutdown
         with tqdm(total=n_iters, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True,
@@ -201,46 +222,26 @@ class Trainer:
                 for k, v in values.items():
                     sums[k] += v
                 count += 1
-                step = epoch * n_iters + i
                 if self.is_main:
                     bar.update(1)
                     if i % max(self.cfg.DISP_PERIOD, 1) == 0 or i == n_iters - 1:
                         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
                                         **{k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()
                                            if k != "loss"})
-                    if self.tb is not None:
-                        for k, v in values.items():
-                            self.tb.add_scalar(f"train/{k}", v, step)
-                        self.tb.add_scalar("train/lr", lr, step)
-        elapsed = time.time() - start
+                self._call("after_step", epoch, i, values, lr)
         means = {k: v / max(count, 1) for k, v in sums.items()}
-        if self.is_main:
-            self.log(f"epoch {epoch}: {count} iterations in {elapsed:.1f} s "
-                     f"({elapsed / max(count, 1):.2f} s/it), mean loss {means.get('loss', math.nan):.4f}")
-            if self.tb is not None:
-                self.tb.add_scalar("train/seconds_per_iter", elapsed / max(count, 1), epoch)
+        self.storage.update(steps=count, mean_losses=means)
         self.history.append(means)
         return means
 
     def fit(self, start_epoch=0):
-        cfg = self.cfg
-        last = cfg.SOLVER.MAX_EPOCHS - 1
-        metrics = None
-        for epoch in range(start_epoch, cfg.SOLVER.MAX_EPOCHS):
+        """Train from `start_epoch` to SOLVER.MAX_EPOCHS; returns the last metrics an evaluation
+        hook left (None without one)."""
+        self._call("before_train")
+        for epoch in range(start_epoch, self.max_epochs):
+            self._call("before_epoch", epoch)
             self.train_epoch(epoch)
-            ckpt_path = None
-            if (epoch + 1) % cfg.CKPT_PERIOD == 0 or epoch == last:
-                ckpt_path = os.path.join(cfg.OUTPUT_DIR, f"epoch_{epoch}.pth")
-                if self.is_main:
-                    save_training_checkpoint(ckpt_path, self.module, self.optimizer, self.scheduler, epoch,
-                                             self.scaler)
-                    self.log(f"saved {ckpt_path}")
-            wants_eval = epoch == last or (epoch >= cfg.EVAL_START_EPOCH and (epoch + 1) % cfg.EVAL_PERIOD == 0)
-            if self.evaluate_fn is not None and wants_eval:
-                # every process evaluates its share of the images; process 0 gets the metrics
-                metrics = self.evaluate_fn(epoch, ckpt_path)
-                if self.is_main and self.tb is not None and metrics:
-                    for k in ("det_recall", "det_ap", "mAP", "top1", "top5", "top10"):
-                        self.tb.add_scalar(f"eval/{k}", metrics[k], epoch)
+            self._call("after_epoch", epoch)
             barrier()  # distributed: the other ranks wait while rank 0 saves
-        return metrics
+        self._call("after_train")
+        return self.storage.get("metrics")

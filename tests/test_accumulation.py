@@ -16,10 +16,8 @@ import socket
 import pytest
 import torch
 
-import engine.trainer
 from configs import ConfigError, load_config
 from datasets.loaders import build_train_loader
-from engine.schedule import build_lr_scheduler
 from engine.trainer import Trainer, steps_per_epoch
 from models import build_model
 from tests.helpers import one_torch_thread, small_cfg  # noqa: F401  (autouse fixture)

@@ -4,7 +4,6 @@ annotations, protocols and warnings are the same from the cache as from the file
 
 import os
 import pickle
-import time
 import warnings
 
 import numpy as np
@@ -15,7 +14,7 @@ from datasets import build_dataset
 from datasets.base import DatasetError, DatasetWarning
 from datasets.matfile import clear_cache
 from datasets.parse_cache import ParseCacheWarning, resolve_cache_dir
-from tests.test_datasets import CUHK_IMAGES, TESTG50, write_cuhk, write_jpeg, write_prw
+from tests.test_datasets import TESTG50, write_cuhk, write_jpeg, write_prw
 
 SPLITS = ("train", "gallery", "query")
 

@@ -9,7 +9,8 @@ and 256-d L2-normalised features correlated with identity. It times each protoco
 markdown table (seconds; the metrics are those of the synthetic features, only a sanity check:
 the other people of a synthetic query image never reappear in the gallery, so CBGM can only add
 noise there and its mAP is lower than without, unlike on the real datasets).
-Inputs are lists of numpy arrays, as in eval_cache.pth; protocol loading is not timed.
+Inputs are lists of numpy arrays, as in eval_cache.pth; protocol loading is not timed (what a
+whole evaluation costs from the files on disk, parsing included, is tools/bench_eval_e2e.py).
 
     python tools/bench_eval.py [--repeat N] [--seed S] [--json PATH] [--only cuhk|prw|det]
 """
@@ -24,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw  # noqa: E402
+from engine.evaluators import evaluator_for  # noqa: E402
 
 from datasets.cuhk_sysu import CUHKProtocol  # noqa: E402
 
@@ -245,24 +246,31 @@ def main(argv=None):
               f"{n_det} detections ({sum(int((d[:, 4] >= 0.5).sum()) for d in g[2])} >= 0.5), "
               f"built in {time.perf_counter() - t:.1f} s", flush=True)
 
+    def raw_of(entry):
+        _g, _q, gdets, gfeats, qbf, qd, qf = entry
+        return {"gallery_dets": gdets, "gallery_feats": gfeats, "query_box_feats": qbf, "query_dets": qd,
+                "query_feats": qf}
+
     if args.only in (None, "det"):
-        for name, (gallery, _q, gdets, *_rest) in data.items():
-            sec, res = _timed(lambda: eval_detection(gallery, gdets, det_thresh=0.01), args.repeat)
+        for name, entry in data.items():
+            sec, res = _timed(lambda: evaluator_for(name).detection(entry[0], raw_of(entry)), args.repeat)
             record(name, "detection (det_thresh 0.01)", sec, res)
     if args.only in (None, "cuhk") and "CUHK-SYSU" in data:
-        gallery, query, gdets, gfeats, qbf, qd, qf = data["CUHK-SYSU"]
+        gallery, query = data["CUHK-SYSU"][:2]
+        raw = raw_of(data["CUHK-SYSU"])
         for size in (100, 4000, -1):
             gallery.load_protocol(size)  # reading the protocol is the dataset's job: not timed
             for cbgm in (False, True):
-                sec, res = _timed(lambda: eval_search_cuhk(gallery, query, gdets, gfeats, qbf, qd, qf,
-                                                           cbgm=cbgm, gallery_size=size), args.repeat)
+                evaluator = evaluator_for("CUHK-SYSU", gallery_size=size, cbgm=cbgm)
+                sec, res = _timed(lambda: evaluator.search(gallery, query, raw), args.repeat)
                 record("CUHK-SYSU", f"search, gallery {size}{' + CBGM' if cbgm else ''}", sec, res)
     if args.only in (None, "prw") and "PRW" in data:
-        gallery, query, gdets, gfeats, qbf, qd, qf = data["PRW"]
-        for ignore_cam_id, cbgm in ((True, False), (False, False), (True, True), (False, True)):
-            label = ("all cameras" if ignore_cam_id else "cross-camera") + (" + CBGM" if cbgm else "")
-            sec, res = _timed(lambda: eval_search_prw(gallery, query, gdets, gfeats, qbf, qd, qf, cbgm=cbgm,
-                                                      ignore_cam_id=ignore_cam_id), args.repeat)
+        gallery, query = data["PRW"][:2]
+        raw = raw_of(data["PRW"])
+        for cross_camera, cbgm in ((False, False), (True, False), (False, True), (True, True)):
+            label = ("cross-camera" if cross_camera else "all cameras") + (" + CBGM" if cbgm else "")
+            evaluator = evaluator_for("PRW", cross_camera=cross_camera, cbgm=cbgm)
+            sec, res = _timed(lambda: evaluator.search(gallery, query, raw), args.repeat)
             record("PRW", f"search, {label}", sec, res)
 
     print()

@@ -630,6 +630,7 @@ def eval_report(quick, from_json=None):
         with open(from_json) as f:
             data = json.load(f)
         return {"source": os.path.abspath(from_json), "rows": data["rows"]}
+    from engine.evaluators import evaluator_for
     from tools import bench_eval as be
 
     if quick:
@@ -649,19 +650,25 @@ def eval_report(quick, from_json=None):
             row.update(recall=float(res[0]), ap=float(res[1]))
         rows.append(row)
 
-    g, q, gd, gf, qbf, qd, qf = cuhk
-    record("CUHK-SYSU", "detection (det_thresh 0.01)", lambda: be.eval_detection(g, gd, det_thresh=0.01), "det")
+    def raw_of(gd, gf, qbf, qd, qf):
+        return {"gallery_dets": gd, "gallery_feats": gf, "query_box_feats": qbf, "query_dets": qd, "query_feats": qf}
+
+    g, q, *outputs = cuhk
+    raw = raw_of(*outputs)
+    record("CUHK-SYSU", "detection (det_thresh 0.01)", lambda: evaluator_for("CUHK-SYSU").detection(g, raw), "det")
     g.load_protocol(100)  # reading the protocol is the dataset's job: not timed
     for cbgm in (False, True):
+        evaluator = evaluator_for("CUHK-SYSU", gallery_size=100, cbgm=cbgm)
         record("CUHK-SYSU", "search, gallery 100" + (" + CBGM" if cbgm else ""),
-               lambda: be.eval_search_cuhk(g, q, gd, gf, qbf, qd, qf, cbgm=cbgm, gallery_size=100), "search")
+               lambda: evaluator.search(g, q, raw), "search")
     sizes = {"CUHK-SYSU": [len(g.annotations), len(q.annotations)]}
-    g, q, gd, gf, qbf, qd, qf = prw
-    record("PRW", "detection (det_thresh 0.01)", lambda: be.eval_detection(g, gd, det_thresh=0.01), "det")
-    for ignore_cam, cbgm in ((True, False), (False, False), (True, True), (False, True)):
-        label = ("all cameras" if ignore_cam else "cross-camera") + (" + CBGM" if cbgm else "")
-        record("PRW", f"search, {label}",
-               lambda: be.eval_search_prw(g, q, gd, gf, qbf, qd, qf, cbgm=cbgm, ignore_cam_id=ignore_cam), "search")
+    g, q, *outputs = prw
+    raw = raw_of(*outputs)
+    record("PRW", "detection (det_thresh 0.01)", lambda: evaluator_for("PRW").detection(g, raw), "det")
+    for cross_camera, cbgm in ((False, False), (True, False), (False, True), (True, True)):
+        label = ("cross-camera" if cross_camera else "all cameras") + (" + CBGM" if cbgm else "")
+        evaluator = evaluator_for("PRW", cross_camera=cross_camera, cbgm=cbgm)
+        record("PRW", f"search, {label}", lambda: evaluator.search(g, q, raw), "search")
     sizes["PRW"] = [len(g.annotations), len(q.annotations)]
     return {"source": "tools/bench_eval.py builders" + (" (quick: reduced sizes)" if quick else " (full scale)"),
             "sizes": sizes, "rows": rows}

@@ -9,6 +9,8 @@ ground truth): only the search numbers say something.
 import numpy as np
 from PIL import Image
 
+from engine.raw_outputs import RawOutputs
+
 
 def box_histograms(image, boxes, bins=4):
     """(n, 2 * bins^3) L2-normalised colour histograms of the upper and lower half of each box."""
@@ -62,10 +64,4 @@ def raw_outputs(gallery_dataset, query_dataset):
         query_box_feats.append(qfeat)
         query_dets.append(np.concatenate([boxes, np.ones((len(boxes), 1), np.float32)], axis=1))
         query_feats.append(np.concatenate([qfeat, ofeats]))
-    return {
-        "gallery_dets": gallery_dets,
-        "gallery_feats": gallery_feats,
-        "query_dets": query_dets,
-        "query_feats": query_feats,
-        "query_box_feats": query_box_feats,
-    }
+    return RawOutputs(gallery_dets, gallery_feats, query_dets, query_feats, query_box_feats)

@@ -28,7 +28,7 @@ import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits
 
 from datasets import build_dataset  # noqa: E402
 from datasets.stats import format_statistics_table  # noqa: E402
-from engine.evaluation import eval_detection, eval_search_cuhk, eval_search_prw  # noqa: E402
+from engine.evaluators import evaluator_for  # noqa: E402
 import demo  # noqa: E402
 import train_ddps  # noqa: E402
 from tools import make_synthetic  # noqa: E402
@@ -63,25 +63,15 @@ def stage_protocols(splits, out_dir):
         gallery, query = splits[(name, "gallery")], splits[(name, "query")]
         start = time.time()
         raw = raw_outputs(gallery, query)
-        recall, ap = eval_detection(gallery, raw["gallery_dets"], det_thresh=0.01)
-        common = dict(
-            gallery_dataset=gallery, query_dataset=query, gallery_dets=raw["gallery_dets"],
-            gallery_feats=raw["gallery_feats"], query_box_feats=raw["query_box_feats"],
-            query_dets=raw["query_dets"], query_feats=raw["query_feats"],
-        )
+        cbgm = lambda c: " +CBGM" if c else ""  # noqa: E731
         if name == "CUHK-SYSU":
-            settings = [(f"gallery {g}{' +CBGM' if c else ''}", dict(gallery_size=g, cbgm=c))
-                        for g in (50, 100) for c in (False, True)]
-            fn = eval_search_cuhk
+            evaluators = [(f"gallery {g}{cbgm(c)}", evaluator_for(name, gallery_size=g, cbgm=c))
+                          for g in (50, 100) for c in (False, True)]
         else:
-            settings = [(f"{'cross' if not ic else 'all'}-camera{' +CBGM' if c else ''}",
-                         dict(ignore_cam_id=ic, cbgm=c)) for ic in (True, False) for c in (False, True)]
-            fn = eval_search_prw
-        for label, kwargs in settings:
-            res = fn(**common, **kwargs)
-            rows.append({"dataset": name, "setting": label, "det_recall": recall, "det_ap": ap,
-                         "mAP": float(res["mAP"]), "top1": float(res["accs"][0]),
-                         "top5": float(res["accs"][1]), "top10": float(res["accs"][2])})
+            evaluators = [(f"{'cross' if x else 'all'}-camera{cbgm(c)}", evaluator_for(name, cross_camera=x, cbgm=c))
+                          for x in (False, True) for c in (False, True)]
+        for label, evaluator in evaluators:
+            rows.append({"dataset": name, "setting": label, **evaluator.evaluate(gallery, query, raw)})
         print(f"{name}: features and protocols in {time.time() - start:.1f} s")
     header = f"{'dataset':<10} {'setting':<22} {'det rec':>8} {'det AP':>8} {'mAP':>7} {'top-1':>7} {'top-5':>7} {'top-10':>7}"
     print(header)
