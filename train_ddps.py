@@ -18,7 +18,8 @@ distillation runs alike:
   CUDA_VISIBLE_DEVICES); DEVICE "cpu", or no GPU, runs CPU processes with the gloo backend.
 - INPUT.BATCH_SIZE_TRAIN is per process: with N processes the global batch is
   N x BATCH_SIZE_TRAIN images per step. SOLVER.BASE_LR is used as it is, whatever N: it is the LR
-  of the global batch. The published settings (BASE_LR 0.003, BATCH_SIZE_TRAIN 5) are for one GPU,
+  of the global batch (times SOLVER.ACCUMULATION_STEPS when gradients are accumulated). The
+  published settings (BASE_LR 0.003, BATCH_SIZE_TRAIN 5) are for one GPU,
   i.e. a global batch of 5; when you change the global batch, scale BASE_LR linearly yourself
   (e.g. 4 processes x 5 images = 20 images: BASE_LR 0.012). SOLVER.MAX_ITERS_PER_EPOCH counts
   steps per process. Each process reads its own 1/N of every epoch (DistributedSampler), so an
@@ -28,7 +29,8 @@ distillation runs alike:
 - Evaluation (--eval, and during training) splits the gallery and query images over the
   processes; process 0 gathers the outputs in dataset order, computes the metrics and writes
   metrics.json and eval_cache.pth, the same as a single process would. Process 0 alone writes
-  config.yaml, logs, TensorBoard scalars and checkpoints; the others wait for it. Checkpoints hold the unwrapped model (same layout as single-process runs),
+  config.yaml, logs, TensorBoard scalars and checkpoints; the others wait for it. Checkpoints
+  hold the unwrapped model (same layout as single-process runs),
   so --resume and --eval work with any number of processes.
 - SOLVER.AMP bf16 / fp16 trains and evaluates under torch.autocast (fp16 with a GradScaler,
   whose state is saved in checkpoints); losses and OIM tables stay float32.
@@ -125,9 +127,11 @@ def run_train(cfg, args, device):
         log(f"resumed from {args.ckpt}: continuing at epoch {start_epoch}")
     if distributed:
         module = wrap_ddp(module, device)
-        log(f"distributed training: {get_world_size()} processes x {cfg.INPUT.BATCH_SIZE_TRAIN} images = "
-            f"global batch {get_world_size() * cfg.INPUT.BATCH_SIZE_TRAIN}, BASE_LR {cfg.SOLVER.BASE_LR} "
-            f"(used as is), {iters} steps per epoch per process")
+        accum = cfg.SOLVER.ACCUMULATION_STEPS
+        log(f"distributed training: {get_world_size()} processes x {cfg.INPUT.BATCH_SIZE_TRAIN} images"
+            + (f" x {accum} accumulated batches" if accum > 1 else "")
+            + f" = global batch {get_world_size() * cfg.INPUT.BATCH_SIZE_TRAIN * accum}, BASE_LR "
+            f"{cfg.SOLVER.BASE_LR} (used as is), {iters} steps per epoch per process")
 
     tb = None
     if cfg.TF_BOARD and main_proc:

@@ -25,6 +25,7 @@ import utils.runtime_env  # noqa: F401,E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
@@ -115,7 +116,9 @@ def main(argv=None):
         if ok.any():
             box = max(box, float((a["boxes"][ok] - b["boxes"][j[ok]]).abs().max()))
             score = max(score, float((a["scores"][ok] - b["scores"][j[ok]]).abs().max()))
-            cos = min(cos, float((a["embeddings"][ok] * b["embeddings"][j[ok]]).sum(1).min()))
+            # the embeddings are confidence-weighted (score x unit vector): compare directions
+            ea, eb = F.normalize(a["embeddings"][ok], dim=1), F.normalize(b["embeddings"][j[ok]], dim=1)
+            cos = min(cos, float((ea * eb).sum(1).min()))
     sizes = "of one size" if args.same_size else "of random sizes and aspect ratios"
     print(f"{len(dataset)} images {sizes}, {cfg.BASELINE.BACKBONE_NAME} at {cfg.INPUT.MIN_SIZE} x "
           f"{cfg.INPUT.MAX_SIZE}, {torch.get_num_threads()} threads, weights {args.ckpt or 'random'}, "

@@ -186,7 +186,7 @@ class DFDLoss(nn.Module):
             nn.init.zeros_(block[-1].bias)
 
     @staticmethod
-    def _global_context(x: Tensor, conv_mask: nn.Conv2d, transform: nn.Sequential) -> Tensor:
+    def global_context(x: Tensor, conv_mask: nn.Conv2d, transform: nn.Sequential) -> Tensor:
         n, c, h, w = x.shape
         weights = torch.softmax(conv_mask(x).reshape(n, 1, h * w), dim=2)  # N x 1 x HW
         context = torch.bmm(x.reshape(n, c, h * w), weights.transpose(1, 2))  # N x C x 1
@@ -233,8 +233,8 @@ class DFDLoss(nn.Module):
         fg = (per_cell * m_fg).sum() / n
         bg = (per_cell * m_bg).sum() / n
         attention = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
-        out_s = self._global_context(feat_s, self.conv_mask_s, self.channel_add_conv_s)
-        out_t = self._global_context(feat_t, self.conv_mask_t, self.channel_add_conv_t)
+        out_s = self.global_context(feat_s, self.conv_mask_s, self.channel_add_conv_s)
+        out_t = self.global_context(feat_t, self.conv_mask_t, self.channel_add_conv_t)
         glob = (out_s - out_t).pow(2).sum() / n
         return {"fg": fg, "bg": bg, "attention": attention, "global": glob}
 
