@@ -23,23 +23,34 @@ METRIC_KEYS = ("det_recall", "det_ap", "mAP", "top1", "top5", "top10")
 
 
 class PersonSearchEvaluator:
-    """Common part: detection, the metrics dict; subclasses run their dataset's search."""
+    """Common part: detection, the metrics dict, the settings. A subclass names its dataset, its
+    one protocol setting (``setting``: the metrics.json key, also its constructor argument and
+    attribute) and the config key it comes from, and runs its dataset's search."""
 
     dataset = ""
+    setting = ""  # "gallery_size" | "cross_camera"
+    config_key = ""  # EVAL_GALLERY_SIZE | EVAL_CROSS_CAMERA
+    SETTING_KEYS = ("gallery_size", "cross_camera")  # every dataset's, as metrics.json lists them
 
     def __init__(self, cbgm: bool = False):
         self.cbgm = bool(cbgm)
 
     @classmethod
     def from_config(cls, cfg) -> "PersonSearchEvaluator":
-        raise NotImplementedError
+        return cls(**{cls.setting: cfg[cls.config_key]}, cbgm=cfg.EVAL_USE_CBGM)
 
     def settings(self) -> Dict:
         """The protocol settings, with the keys of metrics.json (None where they do not apply)."""
-        return {"dataset": self.dataset, "gallery_size": None, "cross_camera": None, "cbgm": self.cbgm}
+        out = {"dataset": self.dataset, **{k: None for k in self.SETTING_KEYS}, "cbgm": self.cbgm}
+        out[self.setting] = getattr(self, self.setting)
+        return out
 
     def describe(self) -> str:
-        return self.dataset + (", CBGM" if self.cbgm else "")
+        """E.g. "CUHK-SYSU, gallery 100, CBGM"."""
+        return f"{self.dataset}, {self._describe_setting()}" + (", CBGM" if self.cbgm else "")
+
+    def _describe_setting(self) -> str:
+        raise NotImplementedError
 
     def detection(self, gallery_dataset, raw):
         """(recall, AP) of the gallery detections."""
@@ -67,22 +78,14 @@ class PersonSearchEvaluator:
 
 
 class CUHKSYSUEvaluator(PersonSearchEvaluator):
-    dataset = "CUHK-SYSU"
+    dataset, setting, config_key = "CUHK-SYSU", "gallery_size", "EVAL_GALLERY_SIZE"
 
     def __init__(self, gallery_size: int = 100, cbgm: bool = False):
         super().__init__(cbgm)
         self.gallery_size = int(gallery_size)
 
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(gallery_size=cfg.EVAL_GALLERY_SIZE, cbgm=cfg.EVAL_USE_CBGM)
-
-    def settings(self):
-        return dict(super().settings(), gallery_size=self.gallery_size)
-
-    def describe(self):
-        gallery = "whole gallery" if self.gallery_size == -1 else f"gallery {self.gallery_size}"
-        return f"{self.dataset}, {gallery}" + (", CBGM" if self.cbgm else "")
+    def _describe_setting(self):
+        return "whole gallery" if self.gallery_size == -1 else f"gallery {self.gallery_size}"
 
     def search(self, gallery_dataset, query_dataset, raw):
         return eval_search_cuhk(gallery_size=self.gallery_size,
@@ -90,22 +93,14 @@ class CUHKSYSUEvaluator(PersonSearchEvaluator):
 
 
 class PRWEvaluator(PersonSearchEvaluator):
-    dataset = "PRW"
+    dataset, setting, config_key = "PRW", "cross_camera", "EVAL_CROSS_CAMERA"
 
     def __init__(self, cross_camera: bool = False, cbgm: bool = False):
         super().__init__(cbgm)
         self.cross_camera = bool(cross_camera)
 
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cross_camera=cfg.EVAL_CROSS_CAMERA, cbgm=cfg.EVAL_USE_CBGM)
-
-    def settings(self):
-        return dict(super().settings(), cross_camera=self.cross_camera)
-
-    def describe(self):
-        return f"{self.dataset}, {'cross-camera' if self.cross_camera else 'all cameras'}" + (
-            ", CBGM" if self.cbgm else "")
+    def _describe_setting(self):
+        return "cross-camera" if self.cross_camera else "all cameras"
 
     def search(self, gallery_dataset, query_dataset, raw):
         return eval_search_prw(ignore_cam_id=not self.cross_camera,

@@ -20,6 +20,24 @@ def _n(x):
     return f"{x:,}"
 
 
+def _timings(t):
+    """median | min | max cells, in ms."""
+    return f"{_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])}"
+
+
+def _peak(t):
+    return "-" if t["peak_gib"] is None else f"{t['peak_gib']} GiB"
+
+
+def _model_table(models, key, header, row, after=("",)):
+    """A report section with one row per model that measured `key` (nothing if none did):
+    ``header(first model's entry)`` lines, then ``row(name, entry)`` per model, then `after`."""
+    measured = [(name, v[key]) for name, v in models.items() if key in v]
+    if not measured:
+        return []
+    return header(measured[0][1]) + [row(name, entry) for name, entry in measured] + list(after)
+
+
 def markdown(result):
     m, s = result["machine"], result["settings"]
     lines = ["# DDPS benchmark: model sizes, FLOPs and speed", ""]
@@ -47,78 +65,70 @@ def markdown(result):
               + (", with torch.cuda.synchronize" if m["device"].startswith("cuda") else "") + ".", ""]
     models = result["models"]
 
-    if any("params" in v for v in models.values()):
-        lines += ["## Parameters", "",
-                  "| model | config | trunk norm | total | trainable | backbone.body | backbone.fpn | rpn | "
-                  "roi_heads | SPEC 4.2 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for name, v in models.items():
-            if "params" not in v:
-                continue
-            p = v["params"]
-            parts = " | ".join(_n(p["parts"][k]["total"]) + ("" if p["parts"][k]["trainable"] == p["parts"][k]["total"]
-                                                            else f" ({_n(p['parts'][k]['trainable'])} trainable)")
-                               for k in PARTS)
-            lines.append(f"| {name} | `{p['config']}` | {p['norm']} | {_n(p['total'])} | {_n(p['trainable'])} | "
-                         f"{parts} | {'equal' if p['matches_spec'] else 'DIFFERS: ' + _n(p['spec_total'])} |")
-        lines += ["", "Parameters only (buffers such as FrozenBatchNorm2d statistics and the OIM tables "
-                  "LUT 5532 x 256 and CQ 5000 x 256 are not counted). Not trainable: the frozen stem "
-                  "(conv1, bn1) of the ResNets (FREEZE).", ""]
+    def params_header(_first):
+        return ["## Parameters", "",
+                "| model | config | trunk norm | total | trainable | backbone.body | backbone.fpn | rpn | "
+                "roi_heads | SPEC 4.2 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
 
-    if any("flops" in v for v in models.values()):
-        size = next(v["flops"] for v in models.values() if "flops" in v)
-        lines += ["## FLOPs of one inference forward", "",
-                  f"One image 3 x {size['input'][1]} x {size['input'][2]} (padded by the transform to "
-                  f"{size['padded'][0]} x {size['padded'][1]}), eval mode; GFLOPs = 10^9 FLOPs, "
-                  "FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode "
-                  "for convolutions and matrix products (RoIAlign, NMS, element-wise ops, softmax not "
-                  "counted). **Backbone + FPN is deterministic** (it depends on the input size only); the "
-                  "RPN and RoI-head figures depend on how many proposals and detections the weights "
-                  "produce: with random weights they are indicative only (detections given).", "",
-                  "| model | backbone + FPN (deterministic) | whole forward | backbone.body | backbone.fpn | "
-                  "rpn | roi_heads | detections |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, v in models.items():
-            if "flops" not in v:
-                continue
-            f = v["flops"]
-            lines.append(f"| {name} | {_g(f['backbone_fpn'])} | {_g(f['total'])} | "
-                         + " | ".join(_g(f["parts"][k]) for k in PARTS) + f" | {f['detections']} |")
-        lines.append("")
+    def params_row(name, p):
+        parts = " | ".join(_n(p["parts"][k]["total"]) + ("" if p["parts"][k]["trainable"] == p["parts"][k]["total"]
+                                                        else f" ({_n(p['parts'][k]['trainable'])} trainable)")
+                           for k in PARTS)
+        return (f"| {name} | `{p['config']}` | {p['norm']} | {_n(p['total'])} | {_n(p['trainable'])} | "
+                f"{parts} | {'equal' if p['matches_spec'] else 'DIFFERS: ' + _n(p['spec_total'])} |")
 
-    if any("inference" in v for v in models.values()):
-        size = next(v["inference"]["size"] for v in models.values() if "inference" in v)
-        lines += ["## Inference time per image", "",
-                  f"One image 3 x {size[0]} x {size[1]}, eval mode, torch.no_grad, batch 1 (detection + "
-                  "embeddings). The gallery columns multiply it by the number of gallery images (an "
-                  "estimate of the model's share of an evaluation; the query side comes on top).", "",
-                  "| model | ms / image | min | max | CUHK-SYSU gallery (6,978 images), est. | "
-                  "PRW gallery (6,112), est. | peak GPU memory |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, v in models.items():
-            if "inference" not in v:
-                continue
-            t = v["inference"]
-            lines.append(f"| {name} | {_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])} | "
-                         f"{t['median_s'] * GALLERY_IMAGES['CUHK-SYSU'] / 60:,.1f} min | "
-                         f"{t['median_s'] * GALLERY_IMAGES['PRW'] / 60:,.1f} min | "
-                         f"{'-' if t['peak_gib'] is None else str(t['peak_gib']) + ' GiB'} |")
-        lines.append("")
+    lines += _model_table(models, "params", params_header, params_row, [
+        "", "Parameters only (buffers such as FrozenBatchNorm2d statistics and the OIM tables "
+        "LUT 5532 x 256 and CQ 5000 x 256 are not counted). Not trainable: the frozen stem "
+        "(conv1, bn1) of the ResNets (FREEZE).", ""])
 
-    if any("train" in v for v in models.values()):
-        t0 = next(v["train"] for v in models.values() if "train" in v)
-        lines += ["## Training step, single model", "",
-                  f"Batch of {t0['batch']} synthetic images 3 x {t0['size'][0]} x {t0['size'][1]} (INPUT.MIN_SIZE/"
-                  "MAX_SIZE set to keep that size) with 4 random person boxes each (3 labeled, 1 unlabeled); "
-                  "forward + backward + gradient clipping + SGD step, the model's base.yaml RPN / RoI "
-                  "settings.", "",
-                  "| model | ms / step | min | max | ms / image | peak GPU memory |", "|---|---:|---:|---:|---:|---:|"]
-        for name, v in models.items():
-            if "train" not in v:
-                continue
-            t = v["train"]
-            lines.append(f"| {name} | {_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])} | "
-                         f"{_ms(t['median_s'] / t['batch'])} | "
-                         f"{'-' if t['peak_gib'] is None else str(t['peak_gib']) + ' GiB'} |")
-        lines.append("")
+    def flops_header(size):
+        return ["## FLOPs of one inference forward", "",
+                f"One image 3 x {size['input'][1]} x {size['input'][2]} (padded by the transform to "
+                f"{size['padded'][0]} x {size['padded'][1]}), eval mode; GFLOPs = 10^9 FLOPs, "
+                "FLOPs = 2 x multiply-accumulates, counted by torch.utils.flop_counter.FlopCounterMode "
+                "for convolutions and matrix products (RoIAlign, NMS, element-wise ops, softmax not "
+                "counted). **Backbone + FPN is deterministic** (it depends on the input size only); the "
+                "RPN and RoI-head figures depend on how many proposals and detections the weights "
+                "produce: with random weights they are indicative only (detections given).", "",
+                "| model | backbone + FPN (deterministic) | whole forward | backbone.body | backbone.fpn | "
+                "rpn | roi_heads | detections |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def flops_row(name, f):
+        return (f"| {name} | {_g(f['backbone_fpn'])} | {_g(f['total'])} | "
+                + " | ".join(_g(f["parts"][k]) for k in PARTS) + f" | {f['detections']} |")
+
+    lines += _model_table(models, "flops", flops_header, flops_row)
+
+    def inference_header(first):
+        size = first["size"]
+        return ["## Inference time per image", "",
+                f"One image 3 x {size[0]} x {size[1]}, eval mode, torch.no_grad, batch 1 (detection + "
+                "embeddings). The gallery columns multiply it by the number of gallery images (an "
+                "estimate of the model's share of an evaluation; the query side comes on top).", "",
+                "| model | ms / image | min | max | CUHK-SYSU gallery (6,978 images), est. | "
+                "PRW gallery (6,112), est. | peak GPU memory |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def inference_row(name, t):
+        return (f"| {name} | {_timings(t)} | "
+                f"{t['median_s'] * GALLERY_IMAGES['CUHK-SYSU'] / 60:,.1f} min | "
+                f"{t['median_s'] * GALLERY_IMAGES['PRW'] / 60:,.1f} min | {_peak(t)} |")
+
+    lines += _model_table(models, "inference", inference_header, inference_row)
+
+    def train_header(t0):
+        return ["## Training step, single model", "",
+                f"Batch of {t0['batch']} synthetic images 3 x {t0['size'][0]} x {t0['size'][1]} (INPUT.MIN_SIZE/"
+                "MAX_SIZE set to keep that size) with 4 random person boxes each (3 labeled, 1 unlabeled); "
+                "forward + backward + gradient clipping + SGD step, the model's base.yaml RPN / RoI "
+                "settings.", "",
+                "| model | ms / step | min | max | ms / image | peak GPU memory |", "|---|---:|---:|---:|---:|---:|"]
+
+    def train_row(name, t):
+        return f"| {name} | {_timings(t)} | {_ms(t['median_s'] / t['batch'])} | {_peak(t)} |"
+
+    lines += _model_table(models, "train", train_header, train_row)
 
     ddps = result.get("ddps", {})
     if ddps:
