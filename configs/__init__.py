@@ -21,11 +21,13 @@ dumped) config holds the merged result only, so an original ``config.yaml`` dump
 
 import difflib
 import os
-import tempfile
 from ast import literal_eval
 
 import yaml
 from yacs.config import CfgNode
+
+from utils.errors import UserError
+from utils.fileio import atomic_write
 
 from .defaults import _C, CHOICES, POSITIVE_KEYS, PROJECT_KEYS, UNTYPED_KEYS
 
@@ -60,7 +62,7 @@ _ROLE_PATHS = {
 _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be loaded: bad key, bad value, bad file."""
 
 
@@ -322,23 +324,8 @@ def load_config(cfg_file=None, opts=(), freeze=True):
 def dump_config(cfg, path):
     """Write ``cfg`` as YAML to ``path`` atomically (temporary file + os.replace). The file holds
     every key of the merged config and no ``_BASE_``: it loads alone, wherever it is copied."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     text = cfg.dump()
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def model_cfg_for_role(cfg, role):

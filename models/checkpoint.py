@@ -24,7 +24,6 @@ import collections
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Iterable, List, Mapping, Sequence, Tuple, Union
@@ -33,8 +32,14 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from utils.errors import UserError
+from utils.fileio import atomic_write
+
 __all__ = [
+    "CheckpointFileError",
     "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "UnsafeCheckpointError",
     "extract_model_state",
     "load_checkpoint_file",
     "load_model_weights",
@@ -50,7 +55,7 @@ _LEGACY_RULES = [
 ]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """The checkpoint's state dict does not fit the model. ``missing``, ``unexpected`` and
     ``mismatched`` (shape) hold the offending key names."""
 
@@ -72,29 +77,71 @@ class CheckpointMismatchError(RuntimeError):
 _SAFE_GLOBALS = [collections.Counter]
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A checkpoint file holds Python objects that loading it would have to execute."""
 
 
-def load_checkpoint_file(path: str):
+class CheckpointFileError(UserError, ValueError):
+    """A checkpoint file is missing, truncated or not a checkpoint at all; the message names it."""
+
+
+class CheckpointNotFoundError(CheckpointFileError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+CONVERTER = "tools/convert_checkpoint.py"
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    return (line[:160] + "...") if len(line) > 160 else (line or type(err).__name__)
+
+
+def _unsafe_globals(path: str, err: BaseException) -> List[str]:
+    """The Python objects a checkpoint names beyond what weights-only loading allows ([] when the
+    refusal was about something else: a damaged or foreign file)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: the unpickler's message names the object
+        found = _GLOBAL_IN_MESSAGE.findall(str(err))
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
+    return [name for name in found if name not in allowed]
+
+
+def load_checkpoint_file(path: str, what: str = "checkpoint"):
     """``torch.load`` on CPU with ``weights_only=True``: tensors, numbers, strings and plain
     containers only (plus the Counter of an original scheduler state). A file holding any other
-    Python object is refused, never executed: loading it would run code it names."""
+    Python object is refused, never executed: loading it would run code it names
+    (``UnsafeCheckpointError``; ``tools/convert_checkpoint.py --trust-code`` converts a file the
+    user trusts, once). A missing, empty, truncated or foreign file raises ``CheckpointFileError``
+    naming it; ``what`` says what the file was meant to be ("checkpoint", "teacher checkpoint")."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(f"{what} {path} is an empty file; expected a file written by torch.save")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a zip checkpoint: the message of torch.load says enough
-            found = []
-        objects = ", ".join(found) if found else str(err).splitlines()[-1]
+        found = _unsafe_globals(path, err)
+        if not found:
+            raise CheckpointFileError(
+                f"{what} {path} is not a readable PyTorch checkpoint ({_first_line(err)}); expected a "
+                f"file written by torch.save") from None
         raise UnsafeCheckpointError(
-            f"{path} holds Python objects other than tensors and plain containers ({objects}), which "
-            f"loading it would execute; it is refused. If you trust the file, load it yourself with "
-            f"torch.load(..., weights_only=False) and save its 'model' entry alone with torch.save.") from None
+            f"{what} {path} holds Python objects other than tensors and plain containers "
+            f"({', '.join(found)}), which loading it would execute; it is refused. If you trust the "
+            f"file (you wrote it, or its authors gave it to you), convert it once with `python "
+            f"{CONVERTER} {path} SAFE_COPY.pth --trust-code`, which runs that code one time and "
+            f"writes a copy holding tensors only.") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError) as err:
+        raise CheckpointFileError(
+            f"cannot read {what} {path}: {_first_line(err)}. Expected a file written by torch.save; "
+            f"this one is damaged (e.g. an interrupted copy or download) or is not a checkpoint."
+        ) from None
 
 
 def _is_state_dict(obj) -> bool:
@@ -220,33 +267,6 @@ def load_model_weights(model: nn.Module, path_or_state: Union[str, os.PathLike, 
 
 
 def save_checkpoint(path: Union[str, os.PathLike], payload) -> None:
-    """``torch.save(payload)`` atomically: write a temporary file in the same directory, fsync it,
-    then ``os.replace`` it onto ``path``. On failure the previous file (if any) is untouched and
-    the temporary file is removed."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    """``torch.save(payload)`` atomically (``utils.fileio.atomic_write``): a crash leaves the
+    previous file (if any) intact and no temporary file behind."""
+    atomic_write(path, lambda f: torch.save(payload, f))

@@ -1,11 +1,12 @@
-"""Small runtime helpers: seeding, device choice, RNG state capture, atomic file writes."""
+"""Small runtime helpers: seeding, device choice, RNG state capture, JSON results (written
+atomically by utils.fileio)."""
 import json
-import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from utils.fileio import atomic_write_bytes  # noqa: F401  (re-exported: the writers import it from here)
 
 
 def set_seed(seed):
@@ -47,24 +48,6 @@ def set_rng_states(states):
         # a checkpoint from a machine with more GPUs restores the devices this one has
         for index, state in enumerate(list(states["cuda"])[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, index)
-
-
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_write_json(path, obj):
