@@ -7,7 +7,10 @@ student distilled with DDPS.
 
 The same file and flags as the original release: an original config.yaml + epoch_19.pth pair
 evaluates as it is. Everything lands in OUTPUT_DIR: config.yaml, epoch_{e}.pth, metrics.json,
-eval_cache.pth and TensorBoard scalars.
+eval_cache.pth and TensorBoard scalars. A new run refuses a folder that holds another run
+(--resume continues it, --overwrite replaces it); nothing is written before the start-up checks
+(config, data files, checkpoints, the evaluation's files) have passed. A problem with an input
+ends the command with one message naming it (exit status 2); DDPS_DEBUG=1 shows the traceback.
 
 Several GPUs (or CPU processes): launch the same command with torchrun, for single-model and
 distillation runs alike:
@@ -37,21 +40,22 @@ distillation runs alike:
 """
 import argparse
 import os
-import sys
 
 import utils.runtime_env  # noqa: F401  (before torch: passive OpenMP waits, freed memory kept)
 
 import torch
 
-from configs import dump_config, load_config
-from datasets.loaders import build_test_loaders, build_train_loader
+from configs import ConfigError, load_config
+from datasets.loaders import build_train_loader
 from engine.build import build_eval_model, build_train_module, check_training_inputs
-from models.checkpoint import load_checkpoint_file, load_model_weights
-from engine.evaluator import evaluate
-from engine.schedule import align_scheduler, build_lr_scheduler, build_optimizer
-from engine.trainer import Trainer, restore_training_state, steps_per_epoch
+from engine.evaluator import build_evaluation_inputs, evaluate
+from engine.output_dir import check_output_dir, claim_output_dir
+from engine.resume import resume_training
+from engine.schedule import build_lr_scheduler, build_optimizer
+from engine.trainer import Trainer, steps_per_epoch
 from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
                         is_main_process, wrap_ddp)
+from utils.errors import run_main
 from utils.misc import set_seed
 
 
@@ -60,7 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--cfg", dest="cfg_file", help="YAML config file (merged over the defaults)")
     p.add_argument("--eval", action="store_true", help="evaluate --ckpt instead of training")
     p.add_argument("--ckpt", help="checkpoint to evaluate or to resume from")
-    p.add_argument("--resume", action="store_true", help="continue training from --ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training from --ckpt (the schedule settings of the config apply from there on)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT_DIR that holds another run, deleting that run's results")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
     args = p.parse_args(argv)
     if (args.eval or args.resume) and not args.ckpt:
@@ -70,15 +77,15 @@ def parse_args(argv=None):
 
 def run_eval(cfg, ckpt_path, device):
     log = print if is_main_process() else _quiet
+    gallery_loader, query_loader = build_evaluation_inputs(cfg)  # the protocol's files before inference
     model, info = build_eval_model(cfg, ckpt_path, device, log=log)
-    gallery_loader, query_loader = build_test_loaders(cfg)
     return evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=os.path.abspath(ckpt_path),
                     epoch=info["epoch"], log=log)
 
 
 def check_table_size(cfg, train_set):
     if train_set.num_classes > cfg.MODEL.LOSS.LUT_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.LOSS.LUT_SIZE is {cfg.MODEL.LOSS.LUT_SIZE} but {train_set.name} at "
             f"{train_set.root} has {train_set.num_classes} labeled training identities: set "
             f"MODEL.LOSS.LUT_SIZE to at least {train_set.num_classes}."
@@ -92,7 +99,7 @@ def _quiet(*args, **kwargs):
 def check_amp(cfg, device, log=print):
     """Stop early on a precision the device cannot run; note a slow one."""
     if cfg.SOLVER.AMP == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"SOLVER.AMP bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+        raise ConfigError(f"SOLVER.AMP bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                          "use SOLVER.AMP fp16 (with a GradScaler) or none")
     if cfg.SOLVER.AMP == "fp16" and device.type != "cuda":
         log("SOLVER.AMP fp16 on the CPU: it runs, but slower than float32; bf16 is the reduced "
@@ -103,12 +110,13 @@ def run_train(cfg, args, device):
     distributed = is_distributed()
     main_proc = is_main_process()
     log = print if main_proc else _quiet
+    # start-up checks, cheapest first; nothing is written until all of them have passed
     check_training_inputs(cfg)  # before the data and the models are built
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    if main_proc:
-        dump_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    earlier = check_output_dir(cfg.OUTPUT_DIR, resume_from=args.ckpt if args.resume else None,
+                               overwrite=args.overwrite)
     train_loader = build_train_loader(cfg, distributed=distributed)
     check_table_size(cfg, train_loader.dataset)
+    test_loaders = build_evaluation_inputs(cfg)  # every run ends with an evaluation: its files are checked now
     module, eval_model = build_train_module(cfg, device, log=log)
     optimizer = build_optimizer(cfg, module.parameters())
     iters = steps_per_epoch(cfg, train_loader)
@@ -117,14 +125,10 @@ def run_train(cfg, args, device):
     start_epoch = 0
     if args.resume:
         # every process loads the same file into the unwrapped module
-        ckpt = load_checkpoint_file(args.ckpt)
-        if hasattr(module, "load_checkpoint_state"):
-            module.load_checkpoint_state(ckpt["model"])
-        else:
-            load_model_weights(module, ckpt)
-        start_epoch = restore_training_state(ckpt, optimizer, scheduler, scaler, restore_rng=main_proc)
-        align_scheduler(scheduler, start_epoch, iters)  # e.g. resumed with another number of processes
-        log(f"resumed from {args.ckpt}: continuing at epoch {start_epoch}")
+        start_epoch = resume_training(args.ckpt, module, optimizer, scheduler, scaler, cfg, iters,
+                                      restore_rng=main_proc, cfg_file=args.cfg_file, log=log)
+    if main_proc:
+        claim_output_dir(cfg, earlier, overwrite=args.overwrite, log=log)
     if distributed:
         module = wrap_ddp(module, device)
         accum = cfg.SOLVER.ACCUMULATION_STEPS
@@ -138,11 +142,8 @@ def run_train(cfg, args, device):
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(os.path.join(cfg.OUTPUT_DIR, "tensorboard"))
-    test_loaders = []
 
     def evaluate_epoch(epoch, ckpt_path):
-        if not test_loaders:
-            test_loaders.extend(build_test_loaders(cfg))
         # new weights every time: never served (nor refused) by the previous epoch's cache
         checkpoint = os.path.abspath(ckpt_path) if ckpt_path else None
         return evaluate(eval_model, cfg, *test_loaders, device, checkpoint=checkpoint, epoch=epoch, use_cache=False,
@@ -175,5 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    run_main(main)

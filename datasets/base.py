@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.errors import UserError
+
 UNLABELED_PID = 5555
 SPLITS = ("train", "gallery", "query")
 
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is malformed or inconsistent; the message names the file."""
 
 
@@ -84,7 +86,8 @@ def match_rows(table: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def check_image_files(paths: List[str], cache_dir: Optional[str] = None, name: str = "images") -> None:
-    """Check that every image exists and that its header can be read (no full decode).
+    """Check that every image exists, that its header can be read and that it is complete (a
+    JPEG or PNG ends with its end marker; no full decode).
 
     A list that passed is remembered in the annotation cache (``datasets.parse_cache``) with
     every file's size and modification time: an unchanged list is not opened again."""
@@ -97,6 +100,25 @@ def check_image_files(paths: List[str], cache_dir: Optional[str] = None, name: s
         raise DatasetFileNotFoundError(f"missing image file: {missing}") from exc
 
 
+# How a complete file of these formats ends. A JPEG ends with its end-of-image marker FF D9 (it
+# cannot occur inside the compressed data, where FF is always followed by 00 or a restart
+# marker), a PNG with its IEND chunk. Writers may pad a few bytes after it, so the marker is
+# looked for in the last END_WINDOW bytes. A file cut short (an interrupted copy or download)
+# has a valid header and decodes until the cut, so the header alone does not show it.
+END_MARKERS = {"JPEG": (b"\xff\xd9", "its end-of-image marker FF D9"), "PNG": (b"IEND", "its IEND chunk")}
+END_WINDOW = 64
+
+
+def _is_complete(path: str, fmt: Optional[str]) -> bool:
+    if fmt not in END_MARKERS:
+        return True
+    marker = END_MARKERS[fmt][0]
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(f.tell() - END_WINDOW, 0))
+        return marker in f.read()
+
+
 def _check_headers(paths: List[str]) -> list:
     for path in paths:
         if not os.path.isfile(path):
@@ -105,10 +127,15 @@ def _check_headers(paths: List[str]) -> list:
         try:
             with Image.open(path) as img:
                 width, height = img.size
+                fmt = img.format
         except Exception as exc:
             raise DatasetError(f"unreadable image file {path}: {exc}") from exc
         if width <= 0 or height <= 0:
             raise DatasetError(f"unreadable image file {path}: empty image ({width}x{height})")
+        if not _is_complete(path, fmt):
+            raise DatasetError(f"truncated image file {path}: a {fmt} file ends with {END_MARKERS[fmt][1]}, "
+                               f"this one stops before it (an interrupted copy or download?); replace it "
+                               f"with a complete copy")
     return []  # nothing to keep but the fact that the list passed
 
 

@@ -9,9 +9,9 @@ Every checkpoint loaded for a run is loaded here: the evaluated model, the teach
 """
 import os
 
-from configs import is_distillation, model_cfg_for_role
+from configs import ConfigError, is_distillation, model_cfg_for_role
 from models import build_model
-from models.checkpoint import CheckpointMismatchError, load_checkpoint_file, load_model_weights
+from models.checkpoint import CheckpointMismatchError, CheckpointNotFoundError, load_checkpoint_file, load_model_weights
 from models.distill import Distiller, build_terms, term_names
 
 OIM_TABLES = "roi_heads.reid_loss."
@@ -53,9 +53,15 @@ def load_for_evaluation(model, ckpt, path, log=print):
 def build_eval_model(cfg, ckpt_path, device, log=print):
     """The model that evaluation and the demo run: the single model or the distilled student."""
     role = eval_role(cfg)
+    ckpt = load_checkpoint_file(ckpt_path)  # a file that is not a checkpoint stops before the model is built
     model = build_model(without_imagenet_weights(cfg, role), role=role)
-    ckpt = load_checkpoint_file(ckpt_path)
-    load_for_evaluation(model, ckpt, ckpt_path, log=log)
+    try:
+        load_for_evaluation(model, ckpt, ckpt_path, log=log)
+    except CheckpointMismatchError as err:
+        backbone = model_cfg_for_role(cfg, role).BACKBONE_NAME
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit the {backbone} {'student' if role == 'student' else 'model'} of this "
+            f"config: {err}", err.missing, err.unexpected, err.mismatched) from None
     model.to(device).eval()
     return model, {"role": role, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
 
@@ -65,10 +71,10 @@ def teacher_checkpoint_path(cfg):
     built)."""
     path = cfg.DISTILLER.TEACHER.CKPT
     if not path:
-        raise ValueError("DISTILLER.TEACHER.CKPT is empty: distillation needs the teacher's checkpoint "
+        raise ConfigError("DISTILLER.TEACHER.CKPT is empty: distillation needs the teacher's checkpoint "
                          "(set it in the config or on the command line: DISTILLER.TEACHER.CKPT path/epoch_19.pth)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path} (DISTILLER.TEACHER.CKPT)")
+        raise CheckpointNotFoundError(f"teacher checkpoint not found: {path} (DISTILLER.TEACHER.CKPT)")
     return path
 
 
@@ -77,7 +83,7 @@ def build_teacher(cfg, log=print):
     tables included: CD scores people with them)."""
     path = teacher_checkpoint_path(cfg)
     teacher = build_model(without_imagenet_weights(cfg, "teacher"), role="teacher")
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, what="teacher checkpoint (DISTILLER.TEACHER.CKPT)")
     try:
         load_model_weights(teacher, ckpt)
     except CheckpointMismatchError as err:

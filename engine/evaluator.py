@@ -7,18 +7,20 @@ import json
 import os
 import time
 
+from datasets.loaders import build_test_loaders
 from engine.evaluators import build_evaluator
 from engine.inference import model_fingerprint, run_inference
 from engine.raw_outputs import KEYS as RAW_OUTPUT_KEYS
 from engine.raw_outputs import RawOutputs
 from utils.dist import broadcast_object, is_main_process
+from utils.errors import UserError
 from utils.misc import atomic_write_json
 
 CACHE_NAME = "eval_cache.pth"
 METRICS_NAME = "metrics.json"
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(UserError, RuntimeError):
     """EVAL_USE_CACHE was asked for but the cache on disk came from another model or setting."""
 
 
@@ -86,6 +88,16 @@ def save_cache(path, raw, fingerprint, settings, checkpoint):
     RawOutputs.from_dict(raw.lists() if isinstance(raw, RawOutputs) else raw, meta).save(path)
 
 
+def build_evaluation_inputs(cfg):
+    """(gallery_loader, query_loader) of the config's test splits, with every file the
+    configured protocol reads (TestG<N>.mat, query_info.txt, ...) opened and checked now: an
+    evaluation, or a training run that ends with one, stops at a missing file before its
+    expensive work, not after it."""
+    gallery_loader, query_loader = build_test_loaders(cfg)
+    build_evaluator(cfg).check_inputs(gallery_loader.dataset, query_loader.dataset)
+    return gallery_loader, query_loader
+
+
 def compute_metrics(cfg, gallery_dataset, query_dataset, raw):
     """The detection and search metrics of the configured dataset's evaluator on raw outputs."""
     return build_evaluator(cfg).evaluate(gallery_dataset, query_dataset, raw)
@@ -108,6 +120,9 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
     cache_path = os.path.join(output_dir, CACHE_NAME)
     fingerprint = model_fingerprint(model)
     settings = inference_settings(cfg)
+    evaluator = build_evaluator(cfg)
+    metrics_path = os.path.join(output_dir, METRICS_NAME)
+    log(describe_evaluation(evaluator, cfg, checkpoint, epoch, gallery_loader.dataset, query_loader.dataset))
     start = time.time()
     raw, refusal = None, None
     if main and use_cache and os.path.isfile(cache_path):
@@ -136,7 +151,6 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
     if not main:
         return None
     inference_time = time.time() - start
-    evaluator = build_evaluator(cfg)
     metrics = evaluator.evaluate(gallery_loader.dataset, query_loader.dataset, raw)
     metrics.update(
         checkpoint=checkpoint,
@@ -148,9 +162,20 @@ def evaluate(model, cfg, gallery_loader, query_loader, device, checkpoint=None, 
         num_gallery_images=len(gallery_loader.dataset),
         num_queries=len(query_loader.dataset),
     )
-    atomic_write_json(os.path.join(output_dir, METRICS_NAME), metrics)
+    atomic_write_json(metrics_path, metrics)
     log(
         "det recall {det_recall:.4f}  det AP {det_ap:.4f}  mAP {mAP:.4f}  "
         "top-1 {top1:.4f}  top-5 {top5:.4f}  top-10 {top10:.4f}".format(**metrics)
     )
+    log(f"wrote {metrics_path} (metrics and settings) and {cache_path} (raw outputs)")
     return metrics
+
+
+def describe_evaluation(evaluator, cfg, checkpoint, epoch, gallery_dataset, query_dataset) -> str:
+    """One line saying what is evaluated and how, printed before every evaluation."""
+    source = checkpoint or "the model in memory"
+    if epoch is not None:
+        source += f" (epoch {epoch})"
+    boxes = "ground-truth boxes" if cfg.EVAL_USE_GT else "detected boxes"
+    return (f"evaluating {source}: {evaluator.describe()}, {boxes}; {len(gallery_dataset)} gallery images, "
+            f"{len(query_dataset)} queries from {gallery_dataset.root}")

@@ -46,11 +46,15 @@ class PersonSearchEvaluator:
         return out
 
     def describe(self) -> str:
-        """E.g. "CUHK-SYSU, gallery 100, CBGM"."""
-        return f"{self.dataset}, {self._describe_setting()}" + (", CBGM" if self.cbgm else "")
+        """E.g. "CUHK-SYSU, gallery 100, CBGM" or "PRW, all cameras, no CBGM"."""
+        return f"{self.dataset}, {self._describe_setting()}, " + ("CBGM" if self.cbgm else "no CBGM")
 
     def _describe_setting(self) -> str:
         raise NotImplementedError
+
+    def check_inputs(self, gallery_dataset, query_dataset) -> None:
+        """Open and check now what the search protocol will read (besides the two splits), so
+        that a missing or broken file stops a run before inference or training, not after."""
 
     def detection(self, gallery_dataset, raw):
         """(recall, AP) of the gallery detections."""
@@ -86,6 +90,10 @@ class CUHKSYSUEvaluator(PersonSearchEvaluator):
 
     def _describe_setting(self):
         return "whole gallery" if self.gallery_size == -1 else f"gallery {self.gallery_size}"
+
+    def check_inputs(self, gallery_dataset, query_dataset):
+        # TestG<N>.mat (parsed once, then cached) and the query order it defines
+        gallery_dataset.load_protocol(self.gallery_size, query_dataset)
 
     def search(self, gallery_dataset, query_dataset, raw):
         return eval_search_cuhk(gallery_size=self.gallery_size,

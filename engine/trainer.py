@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dist import any_across_ranks, barrier, is_main_process
+from utils.errors import UserError
 from utils.misc import atomic_write_bytes, autocast, get_rng_states, move_to_device, set_rng_states
 
 
@@ -35,7 +36,7 @@ def progress_interval():
     return 0.1 if sys.stderr.isatty() else 30.0
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss became NaN or infinite: training stops before the weights are touched."""
 
 
@@ -126,8 +127,11 @@ class Trainer:
         self.history = []  # mean losses per epoch, for callers and tests
         self.storage = {}  # what hooks hand to each other (checkpoint path, metrics, epoch means)
         if hooks is None:
-            # looked up at call time, so that the module-level function can be wrapped
-            hooks = default_hooks(cfg, lambda *a: save_training_checkpoint(*a), evaluate_fn,
+            # the save function is looked up at call time, so that the module-level one can be
+            # wrapped; the config goes into every checkpoint, so that a resume can name the
+            # settings it changes
+            extra = {"config": cfg.dump()} if hasattr(cfg, "dump") else None
+            hooks = default_hooks(cfg, lambda *a: save_training_checkpoint(*a, extra=extra), evaluate_fn,
                                   tb_writer if self.is_main else None)
         self.hooks = []
         self.register_hooks(hooks)

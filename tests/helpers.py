@@ -192,4 +192,12 @@ def straight_and_resumed(straight_opts, resumed_opts, resumed_dir, monkeypatch):
     def load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    return load(straight_dir / "epoch_1.pth"), load(resumed_dir / "epoch_1.pth"), load(straight_dir / "epoch_0.pth")
+    a, b, first = load(straight_dir / "epoch_1.pth"), load(resumed_dir / "epoch_1.pth"), load(straight_dir / "epoch_0.pth")
+    # the config each checkpoint records: the same run's, but for the folder it was written to
+    import yaml
+
+    configs = [yaml.safe_load(ckpt.pop("config")) for ckpt in (a, b)]
+    assert [c.pop("OUTPUT_DIR") for c in configs] == [str(straight_dir), str(resumed_dir)]
+    assert configs[0] == configs[1]
+    first.pop("config")
+    return a, b, first

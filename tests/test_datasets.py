@@ -389,15 +389,33 @@ def test_missing_and_corrupt_images(tmp_path):
     (root / "frames" / "c3s1_000004.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(DatasetError, match=r"unreadable image file .*c3s1_000004.jpg"):
         build_dataset("PRW", str(root), None, "gallery")
-    # a truncated JPEG has a readable header: built fine, decoding names the file
+    # a truncated JPEG has a readable header but no end-of-image marker: the build names it
     root = write_cuhk(tmp_path / "b")
     path = root / "Image" / "SSM" / "s1.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    ds = build_dataset("CUHK-SYSU", str(root), None, "train")
+    with pytest.raises(DatasetError, match=r"truncated image file .*s1.jpg: a JPEG file ends with"):
+        build_dataset("CUHK-SYSU", str(root), None, "train")
+    # ... and its decoding, for a file cut after the check, names the file too
+    ds = build_dataset("CUHK-SYSU", str(root), None, "train", check_images=False)
     with pytest.raises(DatasetError, match=r"cannot decode image file .*s1.jpg"):
         ds[0]
+    # a complete JPEG with a few padding bytes after its end marker is fine
+    path.write_bytes(data + b"\x00" * 16)
+    assert len(build_dataset("CUHK-SYSU", str(root), None, "train")) > 0
+
+
+def test_truncated_png_is_found_by_the_cheap_check(tmp_path):
+    from datasets.base import check_image_files
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+    check_image_files([str(path)], cache_dir="none")
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    with pytest.raises(DatasetError, match=r"truncated image file .*frame.png: a PNG file"):
+        check_image_files([str(path)], cache_dir="none")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_built_from_the_config_with_its_settings(worlds):
     prw = build_evaluator(load_config(None, ["INPUT.DATASET", "PRW", "EVAL_CROSS_CAMERA", "True"]))
     assert isinstance(prw, PRWEvaluator)
     assert prw.settings() == {"dataset": "PRW", "gallery_size": None, "cross_camera": True, "cbgm": False}
-    assert prw.describe() == "PRW, cross-camera" and cuhk.describe() == "CUHK-SYSU, gallery 4000, CBGM"
+    assert prw.describe() == "PRW, cross-camera, no CBGM" and cuhk.describe() == "CUHK-SYSU, gallery 4000, CBGM"
     with pytest.raises(ValueError, match="a PRW evaluator was given the CUHK-SYSU gallery"):
         prw.evaluate(worlds["CUHK-SYSU"][0], worlds["CUHK-SYSU"][1], _raw(worlds["CUHK-SYSU"]))
     with pytest.raises(ValueError, match="no evaluator for dataset 'Market'"):

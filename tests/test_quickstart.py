@@ -30,3 +30,13 @@ def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
     quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick"])
     assert capsys.readouterr().out.count("already trained") == 3
     assert os.path.isfile(out / "table.txt")
+    # a later evaluation with other settings in a run's folder (here: CBGM) never reaches the table
+    metrics_path = out / "teacher" / "metrics.json"
+    other = dict(json.load(open(metrics_path)), cbgm=True, mAP=0.999)
+    metrics_path.write_text(json.dumps(other))
+    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick"])
+    printed = capsys.readouterr().out
+    assert f"{metrics_path} is not an evaluation of" in printed
+    again = json.load(open(out / "table.json"))
+    assert again[0]["mAP"] == teacher["mAP"] and again[1:] == rows[1:]
+    assert json.load(open(metrics_path)) == other  # the user's file is left as it is
