@@ -10,7 +10,7 @@ from tools import quickstart
 
 def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
     out = tmp_path / "quick"
-    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick"])
+    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
     printed = capsys.readouterr().out
     for stage in ("1. synthetic data", "2. protocols", "3. teacher", "4. student", "5. student", "6. the three",
                   "7. demo"):
@@ -27,14 +27,14 @@ def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
     with Image.open(out / "demo" / "demo.jpg") as im:
         assert im.width > im.height > 0
     # a second run reuses the trained models instead of training again
-    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick"])
+    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
     assert capsys.readouterr().out.count("already trained") == 3
     assert os.path.isfile(out / "table.txt")
     # a later evaluation with other settings in a run's folder (here: CBGM) never reaches the table
     metrics_path = out / "teacher" / "metrics.json"
     other = dict(json.load(open(metrics_path)), cbgm=True, mAP=0.999)
     metrics_path.write_text(json.dumps(other))
-    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick"])
+    quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
     printed = capsys.readouterr().out
     assert f"{metrics_path} is not an evaluation of" in printed
     again = json.load(open(out / "table.json"))

@@ -13,8 +13,10 @@ Stages (each prints what it does and writes its results under --out):
 7. demo: run demo.py with the distilled student.
 A finished training run is not redone (pass --retrain to redo it). Everything lands in --out.
 
-Usage: python tools/quickstart.py [--data data/synthetic] [--out output/quickstart] [--seed 0]
-       [--skip-training]
+The numbers are a deterministic function of the seed, the number of threads (--threads) and the
+CPU's kind: run again on the same kind of machine they come out the same, bit for bit. Another
+thread count or another CPU (its vector instructions decide the rounding of float sums) gives
+other roundings, which training amplifies into different numbers.
 """
 import argparse
 import json
@@ -211,14 +213,21 @@ def stage_demo(runs, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/synthetic", help="where the synthetic datasets go")
-    parser.add_argument("--out", default="output/quickstart", help="where results go")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default="data/synthetic", help="where the synthetic datasets go (%(default)s)")
+    parser.add_argument("--out", default="output/quickstart", help="where results go (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every run (%(default)s)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; the numbers depend on it (%(default)s, as in the README)")
     parser.add_argument("--regenerate", action="store_true", help="write the synthetic data anew")
     parser.add_argument("--retrain", action="store_true", help="train again even if a run finished")
     parser.add_argument("--skip-training", action="store_true", help="stop after the protocol stage")
     parser.add_argument("--quick", action="store_true", help="two iterations per model: checks the pipeline only")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     splits = stage_data(args)
