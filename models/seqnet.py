@@ -80,6 +80,15 @@ class BoxHead(nn.Module):
         return flat, out
 
 
+def split_per_image(values: Tensor, per_image: Sequence[Tensor]) -> List[Tensor]:
+    """``values`` (rows of all images, in order) cut into one tensor per image, by the lengths of
+    ``per_image``. A single image takes all rows without a split: a traced export
+    (tools/export.py) would otherwise freeze that image's number of boxes into the graph."""
+    if len(per_image) == 1:
+        return [values]
+    return list(values.split([len(p) for p in per_image]))
+
+
 def _init_linear_bn(seq: nn.Sequential) -> None:
     """SeqNet's initialisation of a Linear + BatchNorm1d pair: both weights N(0, 0.01), both
     biases 0 (the BatchNorm's scale starts near 0, not at torch's default 1)."""
@@ -237,7 +246,7 @@ class SeqRoIHeads(nn.Module):
         """Decoded person-class boxes (class 1), clipped to their image, per image."""
         pred = self.box_coder.decode(box_regression, proposals)[:, 1]
         out = []
-        for boxes, size in zip(pred.split([len(p) for p in proposals]), image_sizes):
+        for boxes, size in zip(split_per_image(pred, proposals), image_sizes):
             out.append(box_ops.clip_boxes_to_image(boxes, size))
         return out
 
@@ -278,7 +287,7 @@ class SeqRoIHeads(nn.Module):
         NMS NMS_THRESH_TEST, top DETECTIONS_PER_IMAGE_TEST. Returns per image boxes and scores."""
         class_logits, box_regression = self._first_stage(features, proposals, image_sizes)
         boxes_all = self._person_boxes(box_regression, proposals, image_sizes)
-        scores_all = F.softmax(class_logits, dim=-1)[:, 1].split([len(p) for p in proposals])
+        scores_all = split_per_image(F.softmax(class_logits, dim=-1)[:, 1], proposals)
         out_boxes, out_scores = [], []
         for boxes, scores in zip(boxes_all, scores_all):
             keep = torch.where(scores > self.score_thresh)[0]
@@ -306,11 +315,10 @@ class SeqRoIHeads(nn.Module):
         emb = self.box_embeddings(features, boxes, image_sizes)
         if query_boxes is None:
             emb = emb * torch.cat(scores)[:, None]  # CWS
-        emb = emb.split([len(b) for b in boxes])
+        emb = split_per_image(emb, boxes)
         q_emb = None
         if query_boxes is not None:
-            q_emb = self.box_embeddings(features, query_boxes, image_sizes).split(
-                [len(q) for q in query_boxes])
+            q_emb = split_per_image(self.box_embeddings(features, query_boxes, image_sizes), query_boxes)
         results = []
         for i, (b, s, e) in enumerate(zip(boxes, scores, emb)):
             n_query = len(query_boxes[i]) if query_boxes is not None else 0
@@ -341,7 +349,7 @@ class SeqRoIHeads(nn.Module):
     def query_embeddings(self, features, boxes: List[Tensor], image_sizes) -> List[Tensor]:
         """Embeddings (n_i, 256) of the given query boxes, per image (no detection, no CWS)."""
         emb = self.box_embeddings(features, boxes, image_sizes)
-        return list(emb.split([len(b) for b in boxes]))
+        return split_per_image(emb, boxes)
 
 
 def _anchor_settings(sizes, ratios, num_levels: int = 5):
