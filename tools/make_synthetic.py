@@ -786,12 +786,14 @@ def generate(
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", default="data/synthetic", help="output folder (CUHK-SYSU/ and PRW/ inside)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--datasets", nargs="+", default=["CUHK-SYSU", "PRW"], choices=["CUHK-SYSU", "PRW"])
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--quiet", action="store_true")
+    # each option's default is stated once, in its help (the size options default to the preset's)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="data/synthetic", help="output folder, CUHK-SYSU/ and PRW/ inside (%(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="the world is a function of the seed and the sizes (%(default)s)")
+    ap.add_argument("--datasets", nargs="+", default=["CUHK-SYSU", "PRW"], choices=["CUHK-SYSU", "PRW"],
+                    help="layouts to write (both)")
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="sizes and difficulty (%(default)s)")
+    ap.add_argument("--quiet", action="store_true", help="print nothing")
     for f in dataclasses.fields(SynthOptions):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
