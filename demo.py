@@ -30,6 +30,7 @@ from torchvision.ops import boxes as box_ops
 
 from configs import load_config
 from engine.build import build_eval_model
+from utils.boxes import box_outside_image
 from utils.drawing import draw_box, font_for, legend_strip, side_by_side
 from utils.errors import UserError, run_main
 from utils.misc import atomic_write_json, resolve_device
@@ -99,14 +100,9 @@ def load_image(path):
 
 def check_query_box(box, image, path):
     """The query box must be finite, non-empty (x1 < x2, y1 < y2) and inside the query image."""
-    values = [float(v) for v in box]
-    width, height = image.size
-    x1, y1, x2, y2 = values
-    inside = all(np.isfinite(values)) and 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
-    if not inside:
-        raise DemoInputError(
-            f"--query-box {' '.join(f'{v:g}' for v in values)} does not fit the query image {path} "
-            f"({width} x {height}): expected 0 <= X1 < X2 <= {width} and 0 <= Y1 < Y2 <= {height}")
+    problem = box_outside_image(box, *image.size, "--query-box", path)
+    if problem:
+        raise DemoInputError(problem)
 
 
 def to_tensor(image):
