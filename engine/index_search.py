@@ -5,6 +5,10 @@ protocols' similarity), ties broken by row order, as the protocols break them by
 Two searchers find the candidates and give the same ranking:
 - ``ExactSearcher`` (numpy): one matrix-vector product over all rows;
 - ``FaissSearcher`` (faiss-cpu ``IndexFlatIP``, also exact), used from ``FAISS_MIN_ROWS`` rows on.
+  The switch point comes from tools/bench_index.py: on a 2-core CPU numpy's one product (BLAS on
+  all cores) was faster for one query at every size measured, 1e3 to 3e6 rows (59 vs 86 ms at
+  1e6, 168 vs 330 ms at 3e6: faiss scans a single query on one thread), so ``auto`` goes to FAISS
+  only beyond that, from 5e6 rows; ``faiss_min_rows`` moves it for a machine where FAISS wins.
 Both return every row whose float32 similarity is within ``CANDIDATE_MARGIN`` of the K-th
 largest, and the candidates are then ranked by their similarity recomputed in float64, so the
 two agree exactly even though their float32 sums round differently.
@@ -29,7 +33,7 @@ from engine.person_index import IndexArrays
 __all__ = ["CANDIDATE_MARGIN", "FAISS_MIN_ROWS", "ExactSearcher", "FaissSearcher", "Hit", "build_searcher",
            "cbgm_rerank", "rank", "search"]
 
-FAISS_MIN_ROWS = 100_000
+FAISS_MIN_ROWS = 5_000_000
 # float32 similarities of unit-length 256-d vectors are off by ~1e-6 at most; candidates within
 # this margin of the K-th largest are re-scored in float64
 CANDIDATE_MARGIN = 1e-4

@@ -223,7 +223,7 @@ class Indexer:
         keep = out["scores"] >= self.min_score
         boxes = out["boxes"][keep].float().cpu().numpy().reshape(-1, 4)
         scores = out["scores"][keep].float().cpu().numpy().reshape(-1)
-        emb = out["embeddings"][keep].float().cpu().numpy().reshape(len(scores), -1)
+        emb = out["embeddings"][keep].float().cpu().numpy().reshape(len(scores), out["embeddings"].shape[-1])
         return boxes, scores, emb
 
     def _new_entry(self, src: Source, every: int) -> int:

@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 COMMANDS = ["train_ddps.py", "demo.py", "tools/quickstart.py", "tools/export.py", "tools/convert_checkpoint.py",
             "tools/reproduce_table.py", "tools/make_synthetic.py", "tools/benchmark.py", "tools/bench_eval.py",
-            "tools/bench_eval_e2e.py", "tools/bench_export.py", "tools/bench_batched_inference.py"]
+            "tools/bench_eval_e2e.py", "tools/bench_export.py", "tools/bench_batched_inference.py",
+            "tools/index_gallery.py", "tools/search.py", "tools/bench_index.py"]
 INTERNAL = re.compile(r"\bissue\b|\bSPEC\b|\bbudget\b|\btarget\b|\bsession\b", re.IGNORECASE)
 
 

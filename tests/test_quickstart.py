@@ -13,7 +13,7 @@ def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
     quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
     printed = capsys.readouterr().out
     for stage in ("1. synthetic data", "2. protocols", "3. teacher", "4. student", "5. student", "6. the three",
-                  "7. demo"):
+                  "7. demo", "8. index the gallery"):
         assert stage in printed
     baseline = json.load(open(out / "histogram_baseline.json"))
     assert {r["dataset"] for r in baseline} == {"CUHK-SYSU", "PRW"}
@@ -26,9 +26,20 @@ def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
         assert 0 <= r["mAP"] <= 1 and r["ms_per_image"] > 0
     with Image.open(out / "demo" / "demo.jpg") as im:
         assert im.width > im.height > 0
+    # stage 8: the gallery but the query's own picture indexed, one search, its hits marked
+    listed = (out / "search" / "gallery_files.txt").read_text().split()
+    search = json.load(open(out / "search" / "first_query.json"))
+    truth = json.load(open(out / "search" / "first_query_ground_truth.json"))
+    assert truth["indexed_pictures"] == len(listed) and os.path.abspath(search["query"]) not in listed
+    assert len(truth["same_identity"]) == len(search["hits"]) <= quickstart.SEARCH_TOPK
+    assert {h["source"] for h in search["hits"]} <= set(listed)
+    with Image.open(out / "search" / "first_query_ground_truth.jpg") as im:
+        assert im.width > 0
     # a second run reuses the trained models instead of training again
     quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
-    assert capsys.readouterr().out.count("already trained") == 3
+    printed = capsys.readouterr().out
+    assert printed.count("already trained") == 3
+    assert f"skipped {len(listed)} done" in printed  # the index is not made again
     assert os.path.isfile(out / "table.txt")
     # a later evaluation with other settings in a run's folder (here: CBGM) never reaches the table
     metrics_path = out / "teacher" / "metrics.json"

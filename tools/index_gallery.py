@@ -2,7 +2,7 @@
 and embedding, stored in an index folder that tools/search.py queries.
 
     python tools/index_gallery.py --cfg CONFIG --ckpt CHECKPOINT --index INDEX_DIR --input PATH [PATH ...]
-        # PATH: picture or video files, or folders (searched recursively)
+        # PATH: picture or video files, or folders (searched recursively); or --list FILE, one per line
 
 Videos are decoded with OpenCV, one frame in --every; each hit then knows its frame and time.
 Run it again with the same --index to add new files (finished ones are skipped, a file changed
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", required=True, help="config file (YAML) the checkpoint was trained with")
     p.add_argument("--ckpt", required=True, help="checkpoint: single model or distilled student")
     p.add_argument("--index", required=True, help="index folder: created when new, extended when it exists")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="pictures, videos or folders of them")
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH", help="pictures, videos or folders of them")
+    p.add_argument("--list", metavar="FILE", help="a text file naming one picture, video or folder per line")
     p.add_argument("--every", type=int, default=10, help="videos: index one frame in this many (%(default)s)")
     p.add_argument("--min-score", type=float, default=0.5,
                    help="keep detections from this score on (%(default)s, the search protocols' threshold)")
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
+    if not args.input and not args.list:
+        p.error("give the pictures and videos to index with --input or --list")
     if args.every < 1 or args.commit_every < 1:
         p.error("--every and --commit-every must be at least 1")
     if not 0.0 <= args.min_score <= 1.0:
@@ -52,7 +55,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.cfg, args.opts)
-    sources = find_sources(args.input)  # missing or unknown files stop here, before the model is loaded
+    paths = list(args.input)
+    if args.list:
+        if not os.path.isfile(args.list):
+            raise UserError(f"--list {args.list} does not exist")
+        with open(args.list) as f:
+            paths += [line.strip() for line in f if line.strip()]
+    sources = find_sources(paths)  # missing or unknown files stop here, before the model is loaded
     if os.path.isfile(os.path.join(args.index, MANIFEST)):
         PersonIndex.open(args.index)  # a damaged index stops here too
     elif os.path.isdir(args.index) and os.listdir(args.index):

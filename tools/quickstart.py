@@ -10,7 +10,10 @@ Stages (each prints what it does and writes its results under --out):
 5. student + DDPS: distill the same student from the teacher with DFD, LD and CD;
 6. table: mAP, top-1, detection recall/AP, parameters and time per image of the three models,
    all evaluated with the real protocol code (CUHK-SYSU layout, gallery 100);
-7. demo: run demo.py with the distilled student.
+7. demo: run demo.py with the distilled student;
+8. search: index the gallery pictures with the distilled student (tools/index_gallery.py) and
+   search them for the first query (tools/search.py); the hits of the query's identity are
+   marked from the ground truth.
 A finished training run is not redone (pass --retrain to redo it). Everything lands in --out.
 
 The numbers are a deterministic function of the seed, the number of threads (--threads) and the
@@ -21,6 +24,7 @@ other roundings, which training amplifies into different numbers.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -28,15 +32,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils.runtime_env  # noqa: F401,E402  (before torch: passive OpenMP waits, freed memory kept)
 
+import numpy as np  # noqa: E402
+
 from datasets import build_dataset  # noqa: E402
 from datasets.stats import format_statistics_table  # noqa: E402
 from engine.output_dir import earlier_run_files  # noqa: E402
 from engine.evaluators import evaluator_for  # noqa: E402
 import demo  # noqa: E402
 import train_ddps  # noqa: E402
-from tools import make_synthetic  # noqa: E402
+from engine.person_index import ModelMismatchError  # noqa: E402
+from tools import index_gallery, make_synthetic  # noqa: E402
+from tools import search as search_tool  # noqa: E402
 from tools.histogram_baseline import raw_outputs  # noqa: E402
 from utils.errors import run_main  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 from utils.misc import atomic_write_json  # noqa: E402
 
 
@@ -211,6 +220,71 @@ def stage_demo(runs, out_dir):
                       "--out", os.path.join(out_dir, "demo")])
 
 
+SEARCH_TOPK = 10
+
+
+def _same_identity(hits, gallery, pid):
+    """Per hit: does its box overlap a box of identity ``pid`` in its picture by IoU >= 0.5?"""
+    import torch
+    from torchvision.ops import box_iou
+
+    truth = {os.path.abspath(a["img_path"]): np.asarray(a["boxes"], np.float32)[np.asarray(a["pids"]) == pid]
+             for a in gallery.annotations}
+    marks = []
+    for hit in hits:
+        boxes = truth.get(hit.source, np.zeros((0, 4), np.float32))
+        marks.append(bool(len(boxes)) and float(box_iou(torch.tensor([hit.box]), torch.from_numpy(boxes)).max()) >= 0.5)
+    return marks
+
+
+def stage_search(runs, splits, out_dir):
+    print("\n== 8. index the gallery with the distilled student, then search it for the first query ==")
+    from engine.hit_sheet import draw_hit_sheet
+    from engine.index_search import Hit
+    from engine.indexing import read_picture
+
+    _, cfg, _ = runs["ddps"]
+    gallery, query = splits[("CUHK-SYSU", "gallery")], splits[("CUHK-SYSU", "query")]
+    first = query.annotations[0]
+    pid = int(first["pids"][0])
+    # as the protocol, the query's own picture is not among those searched
+    files = [os.path.abspath(a["img_path"]) for a in gallery.annotations if a["img_name"] != first["img_name"]]
+    folder = os.path.join(out_dir, "search")
+    list_file = os.path.join(folder, "gallery_files.txt")
+    atomic_write_bytes(list_file, "".join(f + "\n" for f in files).encode())
+    index_dir = os.path.join(folder, "index")
+    argv = ["--cfg", os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "--ckpt", _last_checkpoint(cfg), "--index", index_dir,
+            "--list", list_file]
+    print("python tools/index_gallery.py " + " ".join(argv))
+    try:
+        index_gallery.main(argv)
+    except ModelMismatchError:  # the student was trained again: its old index is the quickstart's own
+        print(f"{index_dir} was made by an earlier student: indexing anew")
+        shutil.rmtree(index_dir)
+        index_gallery.main(argv)
+    box = [f"{float(v):g}" for v in first["boxes"][0]]
+    argv = ["--index", index_dir, "--query", first["img_path"], "--box", *box, "--topk", str(SEARCH_TOPK),
+            "--out", folder, "--name", "first_query", "--force"]
+    print("python tools/search.py " + " ".join(argv))
+    result = search_tool.main(argv)
+    hits = [Hit(**h) for h in result["hits"]]
+    marks = _same_identity(hits, gallery, pid)
+    holding = sum(pid in a["pids"] for a in gallery.annotations if a["img_name"] != first["img_name"])
+    found = [h.rank for h, m in zip(hits, marks) if m]
+    verdict = (f"the query's identity (pid {pid}, in {holding} of the {len(files)} indexed pictures) is found at "
+               f"rank{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} of the top {len(hits)}"
+               if found else f"the query's identity (pid {pid}, in {holding} of the {len(files)} indexed pictures) "
+               f"is not among the top {len(hits)}")
+    print(verdict)
+    sheet = draw_hit_sheet(read_picture(first["img_path"]), first["boxes"][0], hits,
+                           os.path.join(folder, "first_query_ground_truth.jpg"), marks, notes=[verdict])
+    atomic_write_json(os.path.join(folder, "first_query_ground_truth.json"),
+                      {"pid": pid, "pictures_holding_it": holding, "indexed_pictures": len(files),
+                       "ranks_of_the_identity": found, "same_identity": marks, "sheet": sheet})
+    print(f"wrote {sheet} (hits of the query's identity in green)")
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/synthetic", help="where the synthetic datasets go (%(default)s)")
@@ -236,6 +310,7 @@ def main(argv=None):
         runs = stage_training(args)
         stage_table(runs, args.out)
         stage_demo(runs, args.out)
+        stage_search(runs, splits, args.out)
     print(f"\nquickstart finished in {(time.time() - start) / 60:.1f} min; results in {args.out}")
 
 

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--name", help="file name stem of the results (default: the query picture's name)")
     p.add_argument("--searcher", choices=("auto", "numpy", "faiss"), default="auto",
                    help="auto: numpy below --faiss-min-rows rows, FAISS from there on (%(default)s)")
-    p.add_argument("--faiss-min-rows", type=int, default=FAISS_MIN_ROWS, help="(%(default)s)")
+    p.add_argument("--faiss-min-rows", type=int, default=FAISS_MIN_ROWS,
+                   help="auto: the index size (rows) from which FAISS is used (%(default)s)")
     p.add_argument("--cbgm", action="store_true", help="re-rank the top hits with the query picture's other people")
     p.add_argument("--cbgm-k1", type=int, default=10, help="CBGM: hits re-ranked (%(default)s, CUHK-SYSU's)")
     p.add_argument("--cbgm-k2", type=int, default=3, help="CBGM: people of the query picture used (%(default)s)")
