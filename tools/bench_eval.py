@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.evaluators import evaluator_for  # noqa: E402
+from engine.raw_outputs import RawOutputs  # noqa: E402
 
 from datasets.cuhk_sysu import CUHKProtocol  # noqa: E402
 
@@ -200,13 +201,20 @@ def build_prw(seed=1, n_img=6112, n_query=2057, n_ids=450, n_cams=6, noise=2.2):
     return gallery, query, gdets, gfeats, qbf, qd, qf
 
 
-def _timed(fn, repeat):
+def best_time(fn, repeat):
+    """(the best wall time of ``repeat`` calls of fn, its last result)."""
     best, out = float("inf"), None
     for _ in range(repeat):
         t = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def raw_outputs(built):
+    """The RawOutputs of a build_cuhk / build_prw result (gallery, query, then the five lists)."""
+    _, _, gallery_dets, gallery_feats, query_box_feats, query_dets, query_feats = built
+    return RawOutputs(gallery_dets, gallery_feats, query_dets, query_feats, query_box_feats)
 
 
 def main(argv=None):
@@ -246,31 +254,26 @@ def main(argv=None):
               f"{n_det} detections ({sum(int((d[:, 4] >= 0.5).sum()) for d in g[2])} >= 0.5), "
               f"built in {time.perf_counter() - t:.1f} s", flush=True)
 
-    def raw_of(entry):
-        _g, _q, gdets, gfeats, qbf, qd, qf = entry
-        return {"gallery_dets": gdets, "gallery_feats": gfeats, "query_box_feats": qbf, "query_dets": qd,
-                "query_feats": qf}
-
     if args.only in (None, "det"):
         for name, entry in data.items():
-            sec, res = _timed(lambda: evaluator_for(name).detection(entry[0], raw_of(entry)), args.repeat)
+            sec, res = best_time(lambda: evaluator_for(name).detection(entry[0], raw_outputs(entry)), args.repeat)
             record(name, "detection (det_thresh 0.01)", sec, res)
     if args.only in (None, "cuhk") and "CUHK-SYSU" in data:
         gallery, query = data["CUHK-SYSU"][:2]
-        raw = raw_of(data["CUHK-SYSU"])
+        raw = raw_outputs(data["CUHK-SYSU"])
         for size in (100, 4000, -1):
             gallery.load_protocol(size)  # reading the protocol is the dataset's job: not timed
             for cbgm in (False, True):
                 evaluator = evaluator_for("CUHK-SYSU", gallery_size=size, cbgm=cbgm)
-                sec, res = _timed(lambda: evaluator.search(gallery, query, raw), args.repeat)
+                sec, res = best_time(lambda: evaluator.search(gallery, query, raw), args.repeat)
                 record("CUHK-SYSU", f"search, gallery {size}{' + CBGM' if cbgm else ''}", sec, res)
     if args.only in (None, "prw") and "PRW" in data:
         gallery, query = data["PRW"][:2]
-        raw = raw_of(data["PRW"])
+        raw = raw_outputs(data["PRW"])
         for cross_camera, cbgm in ((False, False), (True, False), (False, True), (True, True)):
             label = ("cross-camera" if cross_camera else "all cameras") + (" + CBGM" if cbgm else "")
             evaluator = evaluator_for("PRW", cross_camera=cross_camera, cbgm=cbgm)
-            sec, res = _timed(lambda: evaluator.search(gallery, query, raw), args.repeat)
+            sec, res = best_time(lambda: evaluator.search(gallery, query, raw), args.repeat)
             record("PRW", f"search, {label}", sec, res)
 
     print()

@@ -13,7 +13,6 @@ searcher. Memory: the bytes of the loaded arrays per row and the index's files o
 on a real index of the largest size up to 1e5 rows and given per million rows.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -59,16 +59,9 @@ timings are then meaningless; parameter counts are still those of the real model
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import datetime
-import gc
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -77,13 +70,16 @@ if ROOT not in sys.path:
 import utils.runtime_env as runtime_env  # noqa: E402  (before torch: passive OpenMP waits, freed memory kept)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from tools.benchmark_report import OVERHEAD_TARGET_PCT, PARTS, _g, _ms, markdown  # noqa: E402
-from engine.schedule import build_optimizer  # noqa: E402
+from engine.costs import (PARTS, count, flop_report, get_part, inference_report, make_optimizer,  # noqa: E402
+                          make_step, norm_kind, synthetic_batch, train_report)
+from engine.ddps_costs import component_report, profile_steps, time_ddps_step  # noqa: E402
 from models import build_model  # noqa: E402
+from tools.benchmark_report import OVERHEAD_TARGET_PCT, format_gflops, format_ms, markdown  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
+from utils.misc import atomic_write_json  # noqa: E402
+from utils.timing import machine_info, release  # noqa: E402
 
 TEACHER = "resnet50"
 STUDENTS = ("resnet18", "resnet18_x05", "mobilenet_v2")
@@ -100,7 +96,6 @@ SPEC_PARAMS = {
     "mobilenet_v2": (34_435_123, 1_811_712, 2_482_176, 593_935, 29_547_300),
 }
 ORIGINAL_SIZE = (900, 1500)
-UNLABELED_PID = 5555
 
 # --quick: CPU-sized RPN / RoI settings (tests); the real configs' values otherwise
 QUICK_OPTS = (
@@ -113,6 +108,8 @@ QUICK_SIZE = (128, 192)
 
 
 # ------------------------------------------------------------------------------------ configs
+
+
 def canonical(name):
     name = ALIASES.get(name, name)
     if name not in MODELS:
@@ -148,152 +145,6 @@ def build(cfg, role, device, seed):
     return build_model(cfg, role).to(device)
 
 
-# ------------------------------------------------------------------------------------ machine
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device, argv):
-    import torchvision
-
-    info = {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(["python tools/benchmark.py"] + list(argv)),
-    }
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k == "LD_PRELOAD"}
-    kept = runtime_env.KEPT_FREED_MEMORY
-    env["mallopt (utils/runtime_env)"] = ("mmap threshold 32 MiB, trim threshold 2 GiB, top pad 1 GiB" if kept
-                                          else "not applied (glibc defaults or the MALLOC_* above)")
-    info["environment"] = env
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    info["memory_gib"] = round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return info
-
-
-# ------------------------------------------------------------------------------------ timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    """(wall seconds, CPU seconds of this process (user + system, all threads), system seconds)
-    of one call of fn."""
-    sync(device)
-    start, before = time.perf_counter(), os.times()
-    fn()
-    sync(device)
-    wall, after = time.perf_counter() - start, os.times()
-    system = after.system - before.system
-    return wall, after.user - before.user + system, system
-
-
-def summary(samples):
-    """Wall-clock statistics (the figures reported) and the process CPU time: on a CPU shared
-    with other jobs the wall time grows with their load while the CPU time mostly does not. The
-    system part is mostly page faults of large fresh allocations on the CPU."""
-    wall = [w for w, _, _ in samples]
-    cpu = [c for _, c, _ in samples]
-    system = [x for _, _, x in samples]
-    return {"median_s": statistics.median(wall), "min_s": min(wall), "max_s": max(wall),
-            "samples_s": [round(s, 6) for s in wall], "cpu_median_s": statistics.median(cpu),
-            "cpu_samples_s": [round(s, 6) for s in cpu], "system_median_s": statistics.median(system)}
-
-
-def repeat_timed(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        timed(fn, device)
-    return summary([timed(fn, device) for _ in range(repeats)])
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device):
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    return None
-
-
-def release(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------ inputs
-def synthetic_batch(batch, size, lut_size, device, seed=0, people=4):
-    """`batch` random images (3 x H x W in [0, 1]) with `people` person-shaped boxes each; the
-    last box of every image is unlabeled (5555), the others carry random ids in 1..lut_size."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size
-    images, targets = [], []
-    for _ in range(batch):
-        images.append(torch.rand(3, h, w, generator=g).to(device))
-        bw = w * (0.06 + 0.12 * torch.rand(people, generator=g))
-        bh = torch.minimum(bw * (2.0 + torch.rand(people, generator=g)), torch.tensor(0.9 * h))
-        x1 = (w - bw) * torch.rand(people, generator=g)
-        y1 = (h - bh) * torch.rand(people, generator=g)
-        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1)
-        labels = torch.randint(1, lut_size + 1, (people,), generator=g)
-        labels[-1] = UNLABELED_PID
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-    return images, targets
-
-
-# ------------------------------------------------------------------------------------ params
-def count(module):
-    params = list(module.parameters())
-    return {"total": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad)}
-
-
-def get_part(model, dotted):
-    for attr in dotted.split("."):
-        model = getattr(model, attr)
-    return model
-
-
-def norm_kind(body):
-    from torchvision.ops import FrozenBatchNorm2d
-
-    kinds = {type(m) for m in body.modules()}
-    if FrozenBatchNorm2d in kinds:
-        return "FrozenBatchNorm2d"
-    if any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds):
-        return "BatchNorm2d"
-    return "none"
-
-
 def parameter_report(name, model, cfg_file):
     res = count(model)
     res["parts"] = {p: count(get_part(model, p)) for p in PARTS}
@@ -306,266 +157,13 @@ def parameter_report(name, model, cfg_file):
     return res
 
 
-# ------------------------------------------------------------------------------------ FLOPs
-def part_flops(by_module, prefix):
-    """FLOPs counted inside the module `prefix`. FlopCounterMode attributes FLOPs to modules
-    through their forward hooks; a module whose methods are called directly (roi_heads:
-    forward_inference) has no entry of its own, so the outermost entries below it are summed."""
-    if prefix in by_module:
-        return int(by_module[prefix])
-    below = [k for k in by_module if k.startswith(prefix + ".")]
-    outer = [k for k in below if not any(k.startswith(o + ".") for o in below if o != k)]
-    return int(sum(by_module[k] for k in outer))
-
-
-def flop_report(model, size, device):
-    """FLOPs of one eval-mode forward of one 3 x H x W image, and of backbone + FPN alone."""
-    model.eval()
-    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.no_grad():
-        counter = FlopCounterMode(display=False, depth=None)
-        with counter:
-            out = model([image])
-        total = counter.get_total_flops()
-        by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-        root = type(model).__name__
-        parts = {p: part_flops(by_module, f"{root}.{p}") for p in PARTS}
-        transformed, _ = model.transform([image])
-        counter = FlopCounterMode(display=False, depth=None)
-        with counter:
-            model.backbone(transformed.tensors)
-        backbone = counter.get_total_flops()
-    return {"input": [3, *size], "padded": list(transformed.tensors.shape[-2:]),
-            "total": int(total), "backbone_fpn": int(backbone), "parts": parts,
-            "detections": int(len(out[0]["boxes"]))}
-
-
-# ------------------------------------------------------------------------------------ inference
-def inference_report(model, size, device, warmup, repeats):
-    model.eval()
-    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(2)).to(device)
-
-    def run():
-        with torch.no_grad():
-            model([image])
-
-    reset_peak(device)
-    res = repeat_timed(run, device, warmup, repeats)
-    res["size"] = list(size)
-    res["peak_gib"] = peak_gib(device)
-    return res
-
-
-# ------------------------------------------------------------------------------------ training
-def make_optimizer(cfg, module):
-    opt = build_optimizer(cfg, module.parameters())
-    for group in opt.param_groups:
-        group["lr"] = cfg.SOLVER.BASE_LR * cfg.SOLVER.WARMUP_FACTOR
-    return opt
-
-
-def make_step(module, optimizer, cfg, images, targets):
-    """One training step as engine/trainer.py does it (without AMP): forward, sum, backward,
-    gradient clipping, SGD step; the losses are read back (as the trainer logs them)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    clip = float(cfg.SOLVER.CLIP_GRADIENTS)
-
-    def step():
-        with torch.autograd.profiler.record_function("step: forward"):
-            losses = module(images, targets)
-            total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.profiler.record_function("step: backward"):
-            total.backward()
-        with torch.autograd.profiler.record_function("step: clip + SGD"):
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-        value = float(total.detach())
-        if value != value:  # NaN: the timings would no longer mean anything
-            raise FloatingPointError(f"non-finite training loss {value}")
-
-    return step
-
-
-def train_report(model, cfg, size, batch, device, warmup, repeats, seed):
-    model.train()
-    images, targets = synthetic_batch(batch, size, int(cfg.MODEL.LOSS.LUT_SIZE), device, seed)
-    optimizer = make_optimizer(cfg, model)
-    reset_peak(device)
-    res = repeat_timed(make_step(model, optimizer, cfg, images, targets), device, warmup, repeats)
-    res.update(size=list(size), batch=batch, peak_gib=peak_gib(device))
-    optimizer.zero_grad(set_to_none=True)
-    return res
-
-
 # ------------------------------------------------------------------------------------ DDPS
-def teacher_forward_fn(distiller, rec):
-    """What the distiller asks of the teacher, without gradients, on the student's batch: the
-    outputs its terms declare (for DDPS: FPN maps, proposal logits, box embeddings, OIM logits)."""
-    from models.distill import teacher_outputs
-
-    def run():
-        teacher_outputs(distiller.teacher, rec, distiller.teacher_needs)
-
-    return run
-
-
-def _detached_record(rec):
-    """The record with the student tensors the terms read detached and requiring grad, so that
-    a term's backward runs its own graph only."""
-    def leaf(t):
-        return t.detach().requires_grad_(True)
-
-    feats = type(rec.features)((k, leaf(v)) for k, v in rec.features.items())
-    return dataclasses.replace(rec, features=feats, proposal_logits=leaf(rec.proposal_logits),
-                               embeddings=leaf(rec.embeddings))
-
-
-def component_report(distiller, rec, device, warmup, repeats):
-    """Forward + backward of each distillation term alone, on a recorded batch (detached student
-    tensors that require grad, so that only the term's own graph is run backwards), and for DFD
-    the parts of its first level."""
-    from models.distill import FPN_LEVELS, teacher_outputs
-    from models.distill.dfd import dfd_attention, dfd_masks
-
-    t_out = teacher_outputs(distiller.teacher, rec, distiller.teacher_needs)
-    comps = {}
-
-    def measure(key, fn):
-        comps[key] = repeat_timed(fn, device, warmup, repeats)
-
-    gt_boxes = [t["boxes"] for t in rec.targets]
-    padded = tuple(rec.images.tensors.shape[-2:])
-    for name, term in distiller.terms.items():
-        if name == "dfd":  # one entry per FPN level
-            for level in FPN_LEVELS:
-                module = term.levels[term.loss_name(level)]
-                feat_s = rec.features[level].detach().requires_grad_(True)
-
-                def dfd_step(module=module, feat_s=feat_s, level=level):
-                    module(feat_s, t_out.features[level], gt_boxes, padded).backward()
-
-                measure(f"DFD level {level} (fwd+bwd)", dfd_step)
-            continue
-
-        def step(term=term):
-            sum(term(_detached_record(rec), t_out).values()).backward()
-
-        label = {"cd": "CD: selection + loss"}.get(name, name.upper())
-        measure(f"{label} (fwd+bwd)", step)
-    if "dfd" in distiller.terms:
-        term = distiller.terms["dfd"]
-        level = "0"
-        module = term.levels[term.loss_name(level)]
-        feat_t = t_out.features[level]
-        grid = tuple(feat_t.shape[-2:])
-        measure(f"  DFD level {level}: person/background masks",
-                lambda: dfd_masks(gt_boxes, grid, padded, device=feat_t.device, dtype=torch.float32))
-        measure(f"  DFD level {level}: attention maps (student + teacher, fwd)",
-                lambda: (dfd_attention(rec.features[level].detach(), module.temp),
-                         dfd_attention(feat_t, module.temp)))
-        feat_s = rec.features[level].detach().requires_grad_(True)
-
-        def context_step():
-            out_s = module.global_context(feat_s, module.conv_mask_s, module.channel_add_conv_s)
-            out_t = module.global_context(feat_t, module.conv_mask_t, module.channel_add_conv_t)
-            (out_s - out_t).pow(2).sum().backward()
-
-        measure(f"  DFD level {level}: context blocks + global term (fwd+bwd)", context_step)
-    sizes_note = {}
-    if "cd" in distiller.terms:
-        fg = torch.nonzero(torch.cat(rec.reid_labels) > 0).squeeze(1)
-        oim = distiller.teacher.roi_heads.reid_loss
-
-        def oim_probs():
-            with torch.no_grad():
-                torch.softmax(oim.logits(t_out.box_embeddings[fg]).float(), dim=1)
-
-        measure("  CD: teacher OIM logits + softmax", oim_probs)
-        sizes_note = {"cd_boxes": int(len(fg)), "oim_columns": int(oim.lut.shape[0] + oim.cq.shape[0])}
-    for p in distiller.parameters():
-        p.grad = None
-    return ({k: v["median_s"] for k, v in comps.items()}, {k: v["cpu_median_s"] for k, v in comps.items()},
-            sizes_note)
-
-
-@contextlib.contextmanager
-def profiler_labels(distiller):
-    """Label the student's parts, the teacher's parts and the distillation terms for torch.profiler
-    (forward hooks on the modules, removed afterwards)."""
-    from torch.autograd.profiler import record_function
-
-    handles = []
-
-    def hook(module, label):
-        stack = []
-
-        def pre(_mod, _args):
-            rf = record_function(label)
-            rf.__enter__()
-            stack.append(rf)
-
-        def post(_mod, _args, _out):
-            stack.pop().__exit__(None, None, None)
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-
-    student, teacher = distiller.student, distiller.teacher
-    hook(student.backbone, "student: backbone + FPN")
-    hook(student.rpn, "student: RPN")
-    hook(student.roi_heads, "student: RoI heads")
-    for name, term in distiller.terms.items():  # a term's own teacher calls (CD's OIM logits) land here
-        hook(term, f"{name.upper()} term")
-    heads = teacher.roi_heads
-    for module, label in ((teacher.backbone, "teacher: backbone + FPN"),
-                          (heads.box_roi_pool, "teacher: RoIAlign"),
-                          (heads.box_head, "teacher: box head (proposal logits)"),
-                          (heads.faster_rcnn_predictor, "teacher: box head (proposal logits)"),
-                          (heads.reid_head, "teacher: re-id head (box embeddings)"),
-                          (heads.embedding_head, "teacher: re-id head (box embeddings)")):
-        hook(module, label)
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def profile_steps(distiller, steps, device, top=15):
-    """torch.profiler of one student step and one DDPS step: time in labelled regions, top ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    out = {}
-    with profiler_labels(distiller):
-        for key, step in steps.items():
-            step()  # warm
-            with profile(activities=activities) as prof:
-                step()
-                sync(device)
-            events = prof.key_averages()
-            use_device = device.type == "cuda"
-
-            def total(e):
-                return (getattr(e, "device_time_total", 0) if use_device else e.cpu_time_total) / 1e3
-
-            def self_time(e):
-                return (getattr(e, "self_device_time_total", 0) if use_device else e.self_cpu_time_total) / 1e3
-
-            regions = {e.key: {"calls": e.count, "ms": round(total(e), 2)} for e in events
-                       if e.key.startswith(("step:", "student:", "teacher:", "DFD ", "LD", "CD "))}
-            ops = sorted((e for e in events if not e.key.startswith(("step:", "student:", "teacher:", "DFD ",
-                                                                       "LD", "CD ", "ProfilerStep"))),
-                         key=self_time, reverse=True)[:top]
-            out[key] = {"regions_ms": regions,
-                        "top_ops": [{"op": e.key, "calls": e.count, "self_ms": round(self_time(e), 2)} for e in ops],
-                        "clock": "device" if use_device else "cpu"}
-    return out
 
 
 def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick, profile):
+    """The DDPS step of the student's ddps.yaml config (a freshly built teacher, no checkpoint)
+    against the student's own step and the teacher's forward, its terms one by one, and a
+    profile when asked or when the overhead is above the target."""
     from models.distill import Distiller, build_terms, term_names
 
     cfg = ddps_cfg(student_name, size, quick)
@@ -580,28 +178,9 @@ def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick,
     ddps_step = make_step(distiller, optimizer, cfg, images, targets)
     with torch.no_grad():
         _, rec = student.forward_train(images, targets)
-    teacher_fwd = teacher_forward_fn(distiller, rec)
-
-    fns = {"student_step": student_step, "teacher_forward": teacher_fwd, "ddps_step": ddps_step}
-    for _ in range(warmup):
-        for fn in fns.values():
-            timed(fn, device)
-    samples = {k: [] for k in fns}
-    reset_peak(device)
-    for _ in range(repeats):  # interleaved rounds: load from other processes hits all three alike
-        for key, fn in fns.items():
-            samples[key].append(timed(fn, device))
-    res = {k: summary(v) for k, v in samples.items()}
-    s, t, d = (res[k]["median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
-    res["overhead_s"] = d - (s + t)
-    res["overhead_pct"] = 100.0 * (d - (s + t)) / (s + t)
-    s, t, d = (res[k]["cpu_median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
-    res["cpu_overhead_pct"] = 100.0 * (d - (s + t)) / (s + t)
-    s, t, d = (res[k]["system_median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
-    res["system_overhead_s"] = d - (s + t)
+    res = time_ddps_step(distiller, student_step, ddps_step, rec, device, warmup, repeats)
     res["target_met"] = res["overhead_pct"] <= OVERHEAD_TARGET_PCT
     res.update(config=os.path.relpath(config_path(student_name, "ddps"), ROOT), size=list(size), batch=batch,
-               peak_gib=peak_gib(device),
                student_norm=norm_kind(student.backbone.body), teacher_norm=norm_kind(teacher.backbone.body),
                proposals=int(sum(len(p) for p in rec.proposals)), reid_boxes=int(sum(len(b) for b in rec.reid_boxes)))
     res["components_s"], res["components_cpu_s"], notes = component_report(distiller, rec, device,
@@ -616,6 +195,8 @@ def ddps_report(student_name, size, batch, device, warmup, repeats, seed, quick,
 
 
 # ------------------------------------------------------------------------------------ evaluation
+
+
 def eval_report(quick, from_json=None):
     if from_json:
         with open(from_json) as f:
@@ -633,7 +214,7 @@ def eval_report(quick, from_json=None):
     rows = []
 
     def record(dataset, setting, fn, kind):
-        seconds, res = be._timed(fn, 1)
+        seconds, res = be.best_time(fn, 1)
         row = {"dataset": dataset, "setting": setting, "seconds": round(seconds, 4)}
         if kind == "search":
             row.update(mAP=float(res["mAP"]), top1=float(res["accs"][0]))
@@ -641,11 +222,8 @@ def eval_report(quick, from_json=None):
             row.update(recall=float(res[0]), ap=float(res[1]))
         rows.append(row)
 
-    def raw_of(gd, gf, qbf, qd, qf):
-        return {"gallery_dets": gd, "gallery_feats": gf, "query_box_feats": qbf, "query_dets": qd, "query_feats": qf}
-
-    g, q, *outputs = cuhk
-    raw = raw_of(*outputs)
+    g, q = cuhk[:2]
+    raw = be.raw_outputs(cuhk)
     record("CUHK-SYSU", "detection (det_thresh 0.01)", lambda: evaluator_for("CUHK-SYSU").detection(g, raw), "det")
     g.load_protocol(100)  # reading the protocol is the dataset's job: not timed
     for cbgm in (False, True):
@@ -653,8 +231,8 @@ def eval_report(quick, from_json=None):
         record("CUHK-SYSU", "search, gallery 100" + (" + CBGM" if cbgm else ""),
                lambda: evaluator.search(g, q, raw), "search")
     sizes = {"CUHK-SYSU": [len(g.annotations), len(q.annotations)]}
-    g, q, *outputs = prw
-    raw = raw_of(*outputs)
+    g, q = prw[:2]
+    raw = be.raw_outputs(prw)
     record("PRW", "detection (det_thresh 0.01)", lambda: evaluator_for("PRW").detection(g, raw), "det")
     for cross_camera, cbgm in ((False, False), (True, False), (False, True), (True, True)):
         label = ("cross-camera" if cross_camera else "all cameras") + (" + CBGM" if cbgm else "")
@@ -706,7 +284,8 @@ def main(argv=None):
     if args.quick:
         repeats, warmup = min(repeats, 2), min(warmup, 1)
 
-    result = {"machine": machine_info(device, sys.argv[1:] if argv is None else argv),
+    command = ["python tools/benchmark.py"] + list(sys.argv[1:] if argv is None else argv)
+    result = {"machine": machine_info(device, command, runtime_env.KEPT_FREED_MEMORY),
               "settings": {"models": names, "quick": args.quick, "infer_size": list(infer_size),
                            "train_size": list(train_size), "batch": batch, "repeats": repeats, "warmup": warmup,
                            "parts": args.parts, "seed": args.seed},
@@ -726,18 +305,18 @@ def main(argv=None):
                 log(f"{name}: {entry['params']['total']:,} parameters ({entry['params']['trainable']:,} trainable)")
             if "flops" in sections:
                 entry["flops"] = flop_report(model, infer_size, device)
-                log(f"{name}: {_g(entry['flops']['total'])} GFLOPs per forward, backbone + FPN "
-                    f"{_g(entry['flops']['backbone_fpn'])}")
+                log(f"{name}: {format_gflops(entry['flops']['total'])} GFLOPs per forward, backbone + FPN "
+                    f"{format_gflops(entry['flops']['backbone_fpn'])}")
             if "inference" in sections:
                 entry["inference"] = inference_report(model, infer_size, device, warmup, repeats)
-                log(f"{name}: inference {_ms(entry['inference']['median_s'])} ms / image")
+                log(f"{name}: inference {format_ms(entry['inference']['median_s'])} ms / image")
             del model
             release(device)
         if "train" in sections:
             cfg = base_cfg(name, train_size, args.quick)
             model = build(cfg, "baseline", device, args.seed)
             entry["train"] = train_report(model, cfg, train_size, batch, device, warmup, repeats, args.seed)
-            log(f"{name}: training step {_ms(entry['train']['median_s'])} ms (batch {batch})")
+            log(f"{name}: training step {format_ms(entry['train']['median_s'])} ms (batch {batch})")
             del model
             release(device)
     if "ddps" in sections:
@@ -746,8 +325,8 @@ def main(argv=None):
                 continue
             r = result["ddps"][name] = ddps_report(name, train_size, batch, device, warmup, repeats, args.seed,
                                                    args.quick, args.profile)
-            log(f"{name}: DDPS step {_ms(r['ddps_step']['median_s'])} ms = student "
-                f"{_ms(r['student_step']['median_s'])} + teacher {_ms(r['teacher_forward']['median_s'])} "
+            log(f"{name}: DDPS step {format_ms(r['ddps_step']['median_s'])} ms = student "
+                f"{format_ms(r['student_step']['median_s'])} + teacher {format_ms(r['teacher_forward']['median_s'])} "
                 f"+ overhead {r['overhead_pct']:+.1f}%")
     if "eval" in sections:
         result["evaluation"] = eval_report(args.quick, args.eval_from)
@@ -764,14 +343,14 @@ def main(argv=None):
     except (ImportError, OSError):
         pass
 
-    os.makedirs(args.out, exist_ok=True)
-    md = markdown(result)
-    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_bytes(os.path.join(args.out, "benchmark.md"), (markdown(result) + "\n").encode())
+    atomic_write_json(os.path.join(args.out, "benchmark.json"), result)
     log(f"wrote {os.path.join(args.out, 'benchmark.md')} and benchmark.json")
     return result
+
+
+if __name__ == "__main__":
+    main()
 
 
 if __name__ == "__main__":

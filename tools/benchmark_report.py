@@ -4,15 +4,17 @@ Kept apart from the measuring code: it reads nothing but the dict (benchmark.jso
 so a report can be rewritten from a saved run without measuring again.
 """
 
-PARTS = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")  # the model parts counted and timed
+from engine.costs import PARTS
+
 OVERHEAD_TARGET_PCT = 10.0  # DDPS step vs student step + teacher forward
 GALLERY_IMAGES = {"CUHK-SYSU": 6978, "PRW": 6112}
 
-def _g(flops):
+
+def format_gflops(flops):
     return f"{flops / 1e9:,.1f}"
 
 
-def _ms(seconds):
+def format_ms(seconds):
     return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:,.1f}"
 
 
@@ -22,7 +24,7 @@ def _n(x):
 
 def _timings(t):
     """median | min | max cells, in ms."""
-    return f"{_ms(t['median_s'])} | {_ms(t['min_s'])} | {_ms(t['max_s'])}"
+    return f"{format_ms(t['median_s'])} | {format_ms(t['min_s'])} | {format_ms(t['max_s'])}"
 
 
 def _peak(t):
@@ -95,8 +97,8 @@ def markdown(result):
                 "rpn | roi_heads | detections |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def flops_row(name, f):
-        return (f"| {name} | {_g(f['backbone_fpn'])} | {_g(f['total'])} | "
-                + " | ".join(_g(f["parts"][k]) for k in PARTS) + f" | {f['detections']} |")
+        return (f"| {name} | {format_gflops(f['backbone_fpn'])} | {format_gflops(f['total'])} | "
+                + " | ".join(format_gflops(f["parts"][k]) for k in PARTS) + f" | {f['detections']} |")
 
     lines += _model_table(models, "flops", flops_header, flops_row)
 
@@ -126,7 +128,7 @@ def markdown(result):
                 "| model | ms / step | min | max | ms / image | peak GPU memory |", "|---|---:|---:|---:|---:|---:|"]
 
     def train_row(name, t):
-        return f"| {name} | {_timings(t)} | {_ms(t['median_s'] / t['batch'])} | {_peak(t)} |"
+        return f"| {name} | {_timings(t)} | {format_ms(t['median_s'] / t['batch'])} | {_peak(t)} |"
 
     lines += _model_table(models, "train", train_header, train_row)
 
@@ -152,8 +154,8 @@ def markdown(result):
                   "time (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for name, r in ddps.items():
             s, t, d = (r[k]["median_s"] for k in ("student_step", "teacher_forward", "ddps_step"))
-            lines.append(f"| {name} | {r['student_norm']} | {_ms(s)} | {_ms(t)} | {_ms(s + t)} | {_ms(d)} | "
-                         f"{_ms(r['overhead_s']) if r['overhead_s'] >= 0 else '-' + _ms(-r['overhead_s'])} | "
+            lines.append(f"| {name} | {r['student_norm']} | {format_ms(s)} | {format_ms(t)} | {format_ms(s + t)} | {format_ms(d)} | "
+                         f"{format_ms(r['overhead_s']) if r['overhead_s'] >= 0 else '-' + format_ms(-r['overhead_s'])} | "
                          f"{r['overhead_pct']:+.1f}% | {'yes' if r['target_met'] else 'NO'} | "
                          f"{r['cpu_overhead_pct']:+.1f}% | {r['system_overhead_s'] * 1e3:+,.0f} |")
         lines += ["", "### Distillation terms alone (forward + backward, median ms)", "",
@@ -162,13 +164,13 @@ def markdown(result):
                   "| term | " + " | ".join(ddps) + " |", "|---|" + "---:|" * len(ddps)]
         keys = list(dict.fromkeys(k for r in ddps.values() for k in r["components_s"]))
         for k in keys:
-            cells = " | ".join(_ms(r["components_s"][k]) if k in r["components_s"] else "-" for r in ddps.values())
+            cells = " | ".join(format_ms(r["components_s"][k]) if k in r["components_s"] else "-" for r in ddps.values())
             label = k.replace("  ", "&nbsp;&nbsp;&nbsp;&nbsp;", 1) if k.startswith("  ") else k
             lines.append(f"| {label} | {cells} |")
         top = [k for k in keys if not k.startswith("  ")]
-        cells = " | ".join(_ms(sum(r["components_s"].get(k, 0.0) for k in top)) for r in ddps.values())
+        cells = " | ".join(format_ms(sum(r["components_s"].get(k, 0.0) for k in top)) for r in ddps.values())
         lines += [f"| **sum of the terms** | {cells} |",
-                  "| (overhead measured above) | " + " | ".join(_ms(r["overhead_s"]) for r in ddps.values()) + " |",
+                  "| (overhead measured above) | " + " | ".join(format_ms(r["overhead_s"]) for r in ddps.values()) + " |",
                   "", "Batch contents (sampled first-stage proposals, sampled second-stage boxes, foreground "
                   "boxes scored by the teacher's OIM over LUT + CQ columns): " + "; ".join(
                       f"{name} {r['proposals']}, {r['reid_boxes']}, {r.get('cd_boxes', '-')} x "
