@@ -186,11 +186,17 @@ class DFDLoss(nn.Module):
             nn.init.zeros_(block[-1].bias)
 
     @staticmethod
-    def global_context(x: Tensor, conv_mask: nn.Conv2d, transform: nn.Sequential) -> Tensor:
+    def channel_add(x: Tensor, conv_mask: nn.Conv2d, transform: nn.Sequential) -> Tensor:
+        """channel_add_conv(context) of the context block: N x C x 1 x 1 (G(F) = F + this)."""
         n, c, h, w = x.shape
         weights = torch.softmax(conv_mask(x).reshape(n, 1, h * w), dim=2)  # N x 1 x HW
         context = torch.bmm(x.reshape(n, c, h * w), weights.transpose(1, 2))  # N x C x 1
-        return x + transform(context.reshape(n, c, 1, 1))
+        return transform(context.reshape(n, c, 1, 1))
+
+    @classmethod
+    def global_context(cls, x: Tensor, conv_mask: nn.Conv2d, transform: nn.Sequential) -> Tensor:
+        """G(F) = F + channel_add_conv(context)."""
+        return x + cls.channel_add(x, conv_mask, transform)
 
     def forward_terms(self, feat_s: Tensor, feat_t: Tensor, boxes: Sequence[Tensor],
                       image_size: tuple[int, int]) -> dict[str, Tensor]:
@@ -229,13 +235,19 @@ class DFDLoss(nn.Module):
 
         # sum(M * A_sp_t * A_ch_t * (F_s - F_t)^2): the channel weights are contracted first
         # (N x H x W), which avoids N x C x H x W temporaries per mask.
-        per_cell = torch.einsum("nchw,nc->nhw", (feat_s - feat_t).pow(2), a_ch_t) * a_sp_t
+        diff = feat_s - feat_t
+        diff_sq = diff.pow(2)
+        per_cell = torch.einsum("nchw,nc->nhw", diff_sq, a_ch_t) * a_sp_t
         fg = (per_cell * m_fg).sum() / n
         bg = (per_cell * m_bg).sum() / n
         attention = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
-        out_s = self.global_context(feat_s, self.conv_mask_s, self.channel_add_conv_s)
-        out_t = self.global_context(feat_t, self.conv_mask_t, self.channel_add_conv_t)
-        glob = (out_s - out_t).pow(2).sum() / n
+        # sum (G_s(F_s) - G_t(F_t))^2 with G(F) = F + a (a: N x C x 1 x 1, per channel) is
+        # sum (D + da)^2 = sum D^2 + 2 sum_nc da_nc sum_hw D_nchw + HW sum da^2 for D = F_s - F_t,
+        # da = a_s - a_t: the same value without the four N x C x H x W passes (and their
+        # backward) of building G_s(F_s), G_t(F_t) and their difference; D^2 is shared with fg/bg.
+        delta = (self.channel_add(feat_s, self.conv_mask_s, self.channel_add_conv_s)
+                 - self.channel_add(feat_t, self.conv_mask_t, self.channel_add_conv_t)).reshape(n, -1)
+        glob = (diff_sq.sum() + 2.0 * (delta * diff.sum(dim=(2, 3))).sum() + h * w * delta.pow(2).sum()) / n
         return {"fg": fg, "bg": bg, "attention": attention, "global": glob}
 
     def forward(self, feat_s: Tensor, feat_t: Tensor, boxes: Sequence[Tensor],
