@@ -4,6 +4,8 @@ import os
 
 from PIL import Image
 
+from datasets import build_dataset
+
 from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from tools import quickstart
 
@@ -28,12 +30,17 @@ def test_quickstart_runs_every_stage(synthetic_root, tmp_path, capsys):
         assert im.width > im.height > 0
     # stage 8: the gallery but the query's own picture indexed, one search, its hits marked
     listed = (out / "search" / "gallery_files.txt").read_text().split()
-    search = json.load(open(out / "search" / "first_query.json"))
-    truth = json.load(open(out / "search" / "first_query_ground_truth.json"))
+    search = json.load(open(out / "search" / "query.json"))
+    truth = json.load(open(out / "search" / "query_ground_truth.json"))
     assert truth["indexed_pictures"] == len(listed) and os.path.abspath(search["query"]) not in listed
     assert len(truth["same_identity"]) == len(search["hits"]) <= quickstart.SEARCH_TOPK
     assert {h["source"] for h in search["hits"]} <= set(listed)
-    with Image.open(out / "search" / "first_query_ground_truth.jpg") as im:
+    gallery = build_dataset("CUHK-SYSU", str(synthetic_root / "CUHK-SYSU"), None, "gallery")
+    query = build_dataset("CUHK-SYSU", str(synthetic_root / "CUHK-SYSU"), None, "query")
+    most = max(sum(q["pids"][0] in a["pids"] for a in gallery.annotations if a["img_name"] != q["img_name"])
+               for q in query.annotations)
+    assert truth["pictures_holding_it"] == most  # the query whose identity is in the most pictures
+    with Image.open(out / "search" / "query_ground_truth.jpg") as im:
         assert im.width > 0
     # a second run reuses the trained models instead of training again
     quickstart.main(["--data", str(synthetic_root), "--out", str(out), "--quick", "--threads", "1"])
