@@ -86,9 +86,8 @@ def component_report(distiller, rec, device, warmup, repeats):
         feat_s = rec.features[level].detach().requires_grad_(True)
 
         def context_step():
-            out_s = module.global_context(feat_s, module.conv_mask_s, module.channel_add_conv_s)
-            out_t = module.global_context(feat_t, module.conv_mask_t, module.channel_add_conv_t)
-            (out_s - out_t).pow(2).sum().backward()
+            diff = feat_s - feat_t
+            module.global_term(feat_s, feat_t, diff, diff.pow(2)).backward()
 
         measure(f"  DFD level {level}: context blocks + global term (fwd+bwd)", context_step)
     sizes_note = {}

@@ -241,14 +241,20 @@ class DFDLoss(nn.Module):
         fg = (per_cell * m_fg).sum() / n
         bg = (per_cell * m_bg).sum() / n
         attention = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
-        # sum (G_s(F_s) - G_t(F_t))^2 with G(F) = F + a (a: N x C x 1 x 1, per channel) is
-        # sum (D + da)^2 = sum D^2 + 2 sum_nc da_nc sum_hw D_nchw + HW sum da^2 for D = F_s - F_t,
-        # da = a_s - a_t: the same value without the four N x C x H x W passes (and their
-        # backward) of building G_s(F_s), G_t(F_t) and their difference; D^2 is shared with fg/bg.
+        glob = self.global_term(feat_s, feat_t, diff, diff_sq)
+        return {"fg": fg, "bg": bg, "attention": attention, "global": glob}
+
+    def global_term(self, feat_s: Tensor, feat_t: Tensor, diff: Tensor, diff_sq: Tensor) -> Tensor:
+        """sum (G_s(F_s) - G_t(F_t))^2 / N, given D = F_s - F_t and D^2.
+
+        With G(F) = F + a (a: N x C x 1 x 1, one value per channel) it is sum (D + da)^2 =
+        sum D^2 + 2 sum_nc da_nc sum_hw D_nchw + HW sum da^2 for da = a_s - a_t: the same value
+        without the four N x C x H x W passes (and their backward) of building G_s(F_s), G_t(F_t)
+        and their difference; D^2 is the one the focal terms use."""
+        n, _, h, w = diff.shape
         delta = (self.channel_add(feat_s, self.conv_mask_s, self.channel_add_conv_s)
                  - self.channel_add(feat_t, self.conv_mask_t, self.channel_add_conv_t)).reshape(n, -1)
-        glob = (diff_sq.sum() + 2.0 * (delta * diff.sum(dim=(2, 3))).sum() + h * w * delta.pow(2).sum()) / n
-        return {"fg": fg, "bg": bg, "attention": attention, "global": glob}
+        return (diff_sq.sum() + 2.0 * (delta * diff.sum(dim=(2, 3))).sum() + h * w * delta.pow(2).sum()) / n
 
     def forward(self, feat_s: Tensor, feat_t: Tensor, boxes: Sequence[Tensor],
                 image_size: tuple[int, int]) -> Tensor:
