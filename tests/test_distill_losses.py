@@ -511,13 +511,19 @@ def _ref_context(f, conv_mask, block):
     return f + out[:, :, None, None]
 
 
-def test_dfd_global_term_with_trained_blocks_against_reference():
-    f_s, f_t, boxes, size = _dfd_case(seed=8)
+def _trained_dfd():
+    """A 4-channel DFDLoss whose context blocks are far from their zero init."""
     loss = DFDLoss(4)
     torch.manual_seed(9)
     with torch.no_grad():
         for p in loss.parameters():
             p.add_(torch.randn_like(p) * 0.5)
+    return loss
+
+
+def test_dfd_global_term_with_trained_blocks_against_reference():
+    f_s, f_t, boxes, size = _dfd_case(seed=8)
+    loss = _trained_dfd()
     glob = loss.forward_terms(f_s, f_t, boxes, size)["global"].item()
     ref = ((_ref_context(f_s, loss.conv_mask_s, loss.channel_add_conv_s)
             - _ref_context(f_t, loss.conv_mask_t, loss.channel_add_conv_t)) ** 2).sum().item() / 4
@@ -533,11 +539,7 @@ def test_dfd_global_term_gradients_equal_those_of_the_direct_formula():
     import copy
 
     f_s, f_t, boxes, size = _dfd_case(seed=8)
-    loss = DFDLoss(4)
-    torch.manual_seed(9)
-    with torch.no_grad():
-        for p in loss.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    loss = _trained_dfd()
     names = [name for name, _ in loss.named_parameters() if "conv_mask" in name or "channel_add" in name]
     fs = f_s.clone().requires_grad_(True)
     got = torch.autograd.grad(loss.forward_terms(fs, f_t, boxes, size)["global"],
