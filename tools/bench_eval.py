@@ -73,7 +73,7 @@ def _people(rng, n_img, occ_img, occ_pid, mean_people=5.0):
     return img, pid, boxes
 
 
-def _detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise, fp_rate=1.5):
+def synthetic_detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise, fp_rate=1.5):
     """Detections near the people (10% missed) plus false positives; features per identity."""
     hit = rng.random(len(b_img)) < 0.9
     d_img = b_img[hit]
@@ -112,7 +112,7 @@ def _annotations(n_img, names, b_img, b_pid, b_box, cams=None):
     return annos
 
 
-def _query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats):
+def synthetic_query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats):
     qf = _normalise(id_vec[q_pid] + noise * rng.standard_normal((len(q_pid), DIM)))
     query_box_feats = [qf[k : k + 1] for k in range(len(q_pid))]
     query_dets, query_feats = [], []
@@ -140,7 +140,7 @@ def build_cuhk(seed=0, n_img=6978, n_query=2900, noise=1.6):
     b_img, b_pid, b_box = _people(rng, n_img, occ_img, occ_pid)
     names = [f"s{i}.jpg" for i in range(n_img)]
     annos = _annotations(n_img, names, b_img, b_pid, b_box)
-    gdets, gfeats = _detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise)
+    gdets, gfeats = synthetic_detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise)
 
     first = np.searchsorted(occ_pid, np.arange(1, n_query + 1))  # first occurrence = the query
     q_img = occ_img[first]
@@ -174,7 +174,7 @@ def build_cuhk(seed=0, n_img=6978, n_query=2900, noise=1.6):
 
     gallery = SynthDataset("CUHK-SYSU", annos, protocol)
     query = SynthDataset("CUHK-SYSU", q_annos)
-    qbf, qd, qf = _query_side(rng, q_img, q_box, np.arange(1, n_query + 1), id_vec, noise, gdets, gfeats)
+    qbf, qd, qf = synthetic_query_side(rng, q_img, q_box, np.arange(1, n_query + 1), id_vec, noise, gdets, gfeats)
     return gallery, query, gdets, gfeats, qbf, qd, qf
 
 
@@ -188,7 +188,7 @@ def build_prw(seed=1, n_img=6112, n_query=2057, n_ids=450, n_cams=6, noise=2.2):
     occ_img = np.concatenate([rng.choice(n_img, k, replace=False) for k in n_occ.tolist()])
     b_img, b_pid, b_box = _people(rng, n_img, occ_img, occ_pid)
     annos = _annotations(n_img, names, b_img, b_pid, b_box, cams)
-    gdets, gfeats = _detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise)
+    gdets, gfeats = synthetic_detections(rng, n_img, b_img, b_pid, b_box, id_vec, noise)
     lab = np.flatnonzero(b_pid != UNLABELED)
     pick = rng.choice(lab, n_query, replace=False)
     q_img, q_pid, q_box = b_img[pick], b_pid[pick], b_box[pick]
@@ -197,7 +197,7 @@ def build_prw(seed=1, n_img=6112, n_query=2057, n_ids=450, n_cams=6, noise=2.2):
                for k, i in enumerate(q_img.tolist())]
     gallery = SynthDataset("PRW", annos)
     query = SynthDataset("PRW", q_annos)
-    qbf, qd, qf = _query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats)
+    qbf, qd, qf = synthetic_query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats)
     return gallery, query, gdets, gfeats, qbf, qd, qf
 
 

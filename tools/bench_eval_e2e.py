@@ -76,12 +76,12 @@ def write_world(data_dir, name, seed=0):
     b_box = np.concatenate([a["boxes"] for a in annos]).reshape(-1, 4)
     id_vec = rng.standard_normal((int(b_pid[b_pid != bench_eval.UNLABELED].max(initial=0)) + 2, bench_eval.DIM))
     noise = 1.6 if name == "CUHK-SYSU" else 2.2
-    gdets, gfeats = bench_eval._detections(rng, len(annos), b_img, b_pid, b_box, id_vec, noise)
+    gdets, gfeats = bench_eval.synthetic_detections(rng, len(annos), b_img, b_pid, b_box, id_vec, noise)
     position = {a["img_name"]: i for i, a in enumerate(annos)}
     q_img = np.array([position[a["img_name"]] for a in query.annotations])
     q_box = np.concatenate([a["boxes"] for a in query.annotations]).reshape(-1, 4)
     q_pid = np.concatenate([a["pids"] for a in query.annotations]).astype(np.int64)
-    qbf, qd, qf = bench_eval._query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats)
+    qbf, qd, qf = bench_eval.synthetic_query_side(rng, q_img, q_box, q_pid, id_vec, noise, gdets, gfeats)
     raw = {"gallery_dets": gdets, "gallery_feats": gfeats, "query_dets": qd, "query_feats": qf,
            "query_box_feats": qbf}
     save_cache(raw_path, raw, fingerprint="synthetic", settings={}, checkpoint=None)
